@@ -1,0 +1,126 @@
+"""fold_bn: BatchNorm and per-channel constant affines folded into the adjacent conv / linear.
+
+Exact by construction: each rule checks the conditions under which the fold is an identity
+(inference-mode statistics, no zero padding to break a shift, channels on the right axis),
+and refuses with the reason otherwise.
+"""
+from __future__ import annotations
+
+import torch
+
+from rewrite.ir import Value
+from rewrite.params import (bn_affine, bn_refusal, f64, has_padding, input_shift_to_bias, out_channels,
+                            scale_input_channels, scale_output_channels, weight_bias)
+from rewrite.pass_manager import RulePass, register_pass
+from rewrite.rule import rule
+from rewrite.patterns import bn_conv, conv_bn, conv_scale, conv_shift, linear_bn
+
+
+def _rebuilt(ctx, conv, x: Value, weight: torch.Tensor, bias: torch.Tensor, like: Value) -> Value:
+    """A copy of `conv` (same kind and attributes) with new float64-computed weight and bias."""
+    ref = conv.params["weight"]
+    return ctx.op(conv.kind, x, params={"weight": ctx.param(weight, ref), "bias": ctx.param(bias, ref)},
+                  like=like, **conv.attrs)
+
+
+@rule(conv_bn)
+def fold_bn_into_conv(ctx, x, conv, bn):
+    """conv / conv_transpose -> batch_norm becomes one conv."""
+    why = bn_refusal(bn)
+    if why:
+        return ctx.fail(why)
+    scale, shift = bn_affine(bn)
+    if scale.numel() != out_channels(conv):
+        return ctx.fail(f"{bn.name} has {scale.numel()} channels, {conv.name} outputs {out_channels(conv)}")
+    weight, bias = weight_bias(conv)
+    return _rebuilt(ctx, conv, x, scale_output_channels(conv, weight, scale), bias * scale + shift, bn.output)
+
+
+def _rank(value: Value) -> int | None:
+    return None if value.shape is None else len(value.shape)
+
+
+@rule(linear_bn)
+def fold_bn_into_linear(ctx, x, linear, bn):
+    """linear -> batch_norm1d on (N, C) becomes one linear."""
+    why = bn_refusal(bn)
+    if why:
+        return ctx.fail(why)
+    if _rank(linear.output) != 2:
+        return ctx.fail("batch_norm after linear folds only on 2-D (N, C) activations; the rank is "
+                        + ("unknown: pass example_inputs" if linear.output.shape is None else str(_rank(linear.output))))
+    scale, shift = bn_affine(bn)
+    weight, bias = weight_bias(linear)
+    return _rebuilt(ctx, linear, x, scale_output_channels(linear, weight, scale), bias * scale + shift, bn.output)
+
+
+@rule(bn_conv)
+def fold_bn_before_conv(ctx, x, bn, conv):
+    """batch_norm -> conv / linear becomes one conv, when no zero padding sees the BN shift."""
+    why = bn_refusal(bn)
+    if why:
+        return ctx.fail(why)
+    scale, shift = bn_affine(bn)
+    if conv.kind == "linear" and _rank(bn.output) != 2:
+        return ctx.fail("batch_norm before linear folds only on 2-D (N, C) activations; the rank is "
+                        + ("unknown: pass example_inputs" if bn.output.shape is None else str(_rank(bn.output))))
+    if conv.kind == "conv" and conv.attrs.get("padding_mode", "zeros") == "zeros" and has_padding(conv) \
+            and bool(shift.abs().max() > 0):
+        return ctx.fail(f"{conv.name} zero-pads its input, so the border would see {bn.name}'s shift; "
+                        "folding is exact only without padding or with a zero shift")
+    weight, bias = weight_bias(conv)
+    new_bias = bias + input_shift_to_bias(conv, weight, shift)
+    return _rebuilt(ctx, conv, x, scale_input_channels(conv, weight, scale), new_bias, conv.output)
+
+
+def _channel_vector(conv, out: Value, const: torch.Tensor) -> torch.Tensor | None:
+    """`const` as one float64 factor per output channel of `conv`, or None if it broadcasts otherwise."""
+    channels = out_channels(conv)
+    if conv.kind == "linear":
+        rank, axis = _rank(out), -1
+        max_dims = rank if rank is not None else 1
+    else:
+        rank = _rank(out)
+        # Right-aligned, a constant of at most rank-1 dims lands on the same axes for batched and unbatched input.
+        axis, max_dims = 1, rank if rank is not None else conv.params["weight"].dim() - 1
+        rank = rank if rank is not None else conv.params["weight"].dim()
+    if const.dim() > max_dims:
+        return None
+    if const.dim() > 0 and const.dtype != conv.params["weight"].dtype:
+        return None  # a non-scalar tensor of another dtype would change the result's dtype
+    dims = list(const.shape)
+    channel_pos = len(dims) - 1 if axis == -1 else len(dims) - (rank - axis)
+    for i, size in enumerate(dims):
+        if i != channel_pos and size != 1:
+            return None
+    values = f64(const).reshape(-1)
+    if values.numel() == 1:
+        return values.expand(channels).clone()
+    return values if values.numel() == channels and 0 <= channel_pos < len(dims) else None
+
+
+@rule(conv_scale)
+def fold_scale_into_conv(ctx, x, conv, factor, mul):
+    """conv * per-channel constant becomes one conv."""
+    scale = _channel_vector(conv, conv.output, factor)
+    if scale is None:
+        return ctx.fail(f"the factor of shape {tuple(factor.shape)} does not act per output channel of {conv.name}")
+    weight, bias = weight_bias(conv)
+    return _rebuilt(ctx, conv, x, scale_output_channels(conv, weight, scale), bias * scale, mul.output)
+
+
+@rule(conv_shift)
+def fold_shift_into_conv(ctx, x, conv, shift, add):
+    """conv + per-channel constant becomes one conv with that bias."""
+    vector = _channel_vector(conv, conv.output, shift)
+    if vector is None:
+        return ctx.fail(f"the constant of shape {tuple(shift.shape)} does not act per output channel of {conv.name}")
+    weight, bias = weight_bias(conv)
+    return _rebuilt(ctx, conv, x, weight, bias + vector, add.output)
+
+
+fold_bn = register_pass(RulePass(
+    "fold_bn",
+    [fold_bn_into_conv, fold_bn_into_linear, fold_bn_before_conv, fold_scale_into_conv, fold_shift_into_conv],
+    "fold BatchNorm and per-channel constant affines into the adjacent conv / conv_transpose / linear",
+))

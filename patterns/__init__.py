@@ -1,0 +1,24 @@
+"""Reusable patterns over the IR, importable as `rewrite.patterns`.
+
+Each is a noun naming what it matches; rules combine them with their own checks.
+"""
+from rewrite.pattern import P
+
+WEIGHTED = ("conv", "conv_transpose", "linear")
+
+#: conv or conv_transpose followed by batch_norm; captures x, conv, bn
+conv_bn = P.op("batch_norm", P.op(("conv", "conv_transpose"), P.any("x"), name="conv"), name="bn")
+
+#: linear followed by batch_norm; captures x, linear, bn
+linear_bn = P.op("batch_norm", P.op("linear", P.any("x"), name="linear"), name="bn")
+
+#: batch_norm followed by conv or linear; captures x, bn, conv
+bn_conv = P.op(("conv", "linear"), P.op("batch_norm", P.any("x"), name="bn"), name="conv")
+
+#: a weighted op multiplied by a constant (either operand order); captures x, conv, factor, mul
+conv_scale = P.mul(P.op(WEIGHTED, P.any("x"), name="conv"), P.const("factor"), name="mul")
+
+#: a weighted op plus a constant (either operand order); captures x, conv, shift, add
+conv_shift = P.add(P.op(WEIGHTED, P.any("x"), name="conv"), P.const("shift"), name="add")
+
+__all__ = ["WEIGHTED", "conv_bn", "linear_bn", "bn_conv", "conv_scale", "conv_shift"]

@@ -1,0 +1,52 @@
+"""`rewrite.apply`: load a model into the IR, run passes, check them, and give back the same kind of model."""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any, Sequence
+
+from .errors import EquivalenceError, RewriteError
+from .frontends import frontend_for
+from .ir import Graph
+from .pass_manager import Pass, get_pass
+from .report import PassReport, Report
+
+
+def op_counts(graph: Graph) -> dict[str, int]:
+    return dict(Counter(node.kind for node in graph.nodes if node.kind != "constant"))
+
+
+def apply(model: Any, passes: Sequence[str | Pass] = ("fold_bn",), example_inputs=None, verify: bool = False,
+          return_report: bool = False, inplace: bool = False, options: dict | None = None,
+          tolerance: float | None = None, **frontend_options):
+    """Rewrite `model` with `passes` and return a model of the same kind.
+
+    model: an nn.Module, an onnx.ModelProto or a path to a .onnx file.
+    passes: names ("fold_bn") or Pass / Rule objects, run in order.
+    example_inputs: inputs for shape inference and verification (ONNX can draw random ones).
+    verify: after each pass, compare against the original and raise EquivalenceError past the tolerance.
+    return_report: return (model, report) instead of the model.
+    inplace: allow the result to share modules and tensors with `model` (never changes its math).
+    options: per-pass options, e.g. {"remove_channels": {"threshold": 1e-3}}.
+    frontend_options: concrete_args / leaf_modules for torch tracing.
+    """
+    frontend = frontend_for(model)
+    pass_objects = [get_pass(p) for p in passes]
+    graph = frontend.load(model, example_inputs, **frontend_options)
+    report = Report(frontend.name, nodes_before=op_counts(graph))
+    options = options or {}
+    if verify and example_inputs is None and frontend.name == "torch":
+        raise RewriteError("verify=True needs example_inputs for a torch model")
+    for p in pass_objects:
+        start = time.perf_counter()
+        result = p.run(graph, dict(options.get(p.name, {}), example_inputs=example_inputs))
+        entry = PassReport(result, seconds=time.perf_counter() - start)
+        report.passes.append(entry)
+        if verify:
+            candidate = frontend.export(graph, copy_originals=False)
+            entry.verification = frontend.verify(model, candidate, example_inputs, tolerance=tolerance)
+            if not entry.verification.ok:
+                raise EquivalenceError(f"outputs changed: {entry.verification}", where=f"pass {p.name}")
+    report.nodes_after = op_counts(graph)
+    out = frontend.export(graph, copy_originals=not inplace)
+    return (out, report) if return_report else out

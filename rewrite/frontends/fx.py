@@ -1,0 +1,56 @@
+"""The torch frontend: nn.Module <-> IR through torch.fx."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.shape_prop import ShapeProp
+
+from ..errors import RewriteError
+from ..ir import Graph
+from .fx_emit import emit_graph_module
+from .fx_import import FxImporter
+from .fx_trace import trace
+
+
+@contextmanager
+def preserved_buffers(module: torch.nn.Module):
+    """Run code that may update buffers (BN statistics in training mode) without changing `module`."""
+    saved = [(b, b.detach().clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, copy in saved:
+                buffer.copy_(copy)
+
+
+def as_tuple(example_inputs) -> tuple:
+    if example_inputs is None:
+        return ()
+    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+
+
+def import_module(module: torch.nn.Module, example_inputs=None, concrete_args: dict[str, Any] | None = None,
+                  leaf_modules: Iterable[type | str] = ()) -> Graph:
+    """Trace `module` and build its IR; shapes and dtypes are filled in when example inputs are given."""
+    if not isinstance(module, torch.nn.Module):
+        raise RewriteError(f"expected an nn.Module, got {type(module).__name__}")
+    fx_graph = trace(module, concrete_args, leaf_modules)
+    inputs = as_tuple(example_inputs)
+    if inputs:
+        gm = fx.GraphModule(module, fx_graph)
+        try:
+            with preserved_buffers(module), torch.no_grad():
+                ShapeProp(gm).propagate(*inputs)
+        except Exception as exc:
+            raise RewriteError(f"the model does not run on the example inputs: {type(exc).__name__}: {exc}",
+                               where=f"model {type(module).__name__}") from None
+    return FxImporter(module, fx_graph).run()
+
+
+def export_module(graph: Graph, copy_originals: bool = True) -> fx.GraphModule:
+    """Build a GraphModule from the IR. With copy_originals, nothing is shared with the input model."""
+    return emit_graph_module(graph, copy_originals)

@@ -1,0 +1,302 @@
+"""IR -> torch.fx.GraphModule.
+
+Untouched nodes are written back from their FxOrigin, so their modules keep their names, their
+state_dict keys and their parameters. Rebuilt nodes become real modules (an nn.Conv2d with bias,
+say) named after the module they replace, or plain torch calls for stateless ops.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+import re
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import RewriteError
+from ..ir import Graph, Node, Value
+from .fx_import import Attr, FxOrigin, In, _fetch_attr
+
+_CONV_CLASSES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_CONV_T_CLASSES = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+_AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+_MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+_ADAPTIVE = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
+
+
+class _Staging:
+    """The module tree the GraphModule is built from: copies of what is used, plus new modules."""
+
+    def __init__(self, root: nn.Module, copy_originals: bool):
+        self.root = root
+        self.tree = nn.Module()
+        self.copy_originals = copy_originals
+        self.memo: dict[int, Any] = {}  # one deepcopy memo, so tied parameters stay tied
+        self.taken: set[str] = set()
+
+    def reserve(self, path: str) -> None:
+        parts = path.split(".")
+        for i in range(1, len(parts) + 1):
+            self.taken.add(".".join(parts[:i]))
+
+    def install_original(self, path: str) -> None:
+        """Put the root's attribute at `path` (a module or tensor) into the tree, copied if asked."""
+        *prefix, field = path.split(".")
+        src_parent = self.root
+        dst_parent = self.tree
+        for item in prefix:
+            src_parent = getattr(src_parent, item)
+            existing = getattr(dst_parent, item, None)
+            if existing is None:
+                existing = nn.Module()
+                existing.training = src_parent.training
+                setattr(dst_parent, item, existing)
+            dst_parent = existing
+        if any(field in d for d in (dst_parent._modules, dst_parent._parameters, dst_parent._buffers,
+                                    dst_parent.__dict__)):
+            return  # already there (a module called twice, or an attribute of an installed module)
+        obj = getattr(src_parent, field)
+        if self.copy_originals:
+            obj = copy.deepcopy(obj, self.memo)
+        if isinstance(obj, nn.Module) or isinstance(obj, nn.Parameter):
+            setattr(dst_parent, field, obj)
+        elif isinstance(obj, torch.Tensor):
+            persistent = field not in getattr(src_parent, "_non_persistent_buffers_set", set())
+            dst_parent.register_buffer(field, obj, persistent=persistent)
+        else:
+            setattr(dst_parent, field, obj)
+
+    def install_new(self, base: str, obj: Any) -> str:
+        """Install a new module or tensor under a free path derived from `base`."""
+        base = re.sub(r"[^0-9A-Za-z_.]", "_", base).strip(".") or "fused"
+        path, n = base, 1
+        while path in self.taken:
+            path = f"{base}_{n}"
+            n += 1
+        *prefix, field = path.split(".")
+        parent = self.tree
+        for item in prefix:
+            child = getattr(parent, item, None)
+            if child is None:
+                child = nn.Module()
+                setattr(parent, item, child)
+            parent = child
+        if isinstance(obj, nn.Module) or isinstance(obj, nn.Parameter):
+            setattr(parent, field, obj)
+        else:
+            parent.register_buffer(field, obj)
+        self.reserve(path)
+        return path
+
+
+class FxEmitter:
+    def __init__(self, graph: Graph, copy_originals: bool):
+        self.graph = graph
+        self.root: nn.Module = graph.meta["fx_root"]
+        self.staging = _Staging(self.root, copy_originals)
+        self.fx_graph = fx.Graph()
+        self.env: dict[int, fx.Node] = {}
+        self.attr_nodes: dict[str, fx.Node] = {}
+
+    def run(self) -> fx.GraphModule:
+        graph = self.graph
+        graph.topological_sort()
+        for node in graph.nodes:
+            if isinstance(node.origin, FxOrigin) and node.origin.op in ("call_module", "get_attr"):
+                self.staging.reserve(node.origin.target)
+        for value, (target, default) in zip(graph.inputs, graph.meta["fx_placeholders"]):
+            self.env[id(value)] = self.fx_graph.placeholder(target, default_value=default)
+        for node in graph.nodes:
+            if isinstance(node.origin, FxOrigin):
+                out = self._emit_origin(node)
+            else:
+                out = self._emit_canonical(node)
+            if len(node.outputs) == 1:
+                self.env[id(node.output)] = out
+            else:
+                for i, value in enumerate(node.outputs):
+                    self.env[id(value)] = self.fx_graph.call_function(operator.getitem, (out, i))
+        template = graph.meta["fx_output"]
+        self.fx_graph.output(fx.node.map_aggregate(
+            template, lambda a: self.env[id(graph.outputs[a.index])] if isinstance(a, In) else a))
+        gm = fx.GraphModule(self.staging.tree, self.fx_graph, class_name=type(self.root).__name__)
+        gm.training = self.root.training
+        return gm
+
+    # Untouched nodes ---------------------------------------------------------------------
+    def _emit_origin(self, node: Node) -> fx.Node:
+        origin: FxOrigin = node.origin
+
+        def resolve(a):
+            if isinstance(a, In):
+                return self.env[id(node.inputs[a.index])]
+            if isinstance(a, Attr):
+                return self._get_attr(a.target)
+            return a
+
+        args = fx.node.map_aggregate(origin.args, resolve)
+        kwargs = fx.node.map_aggregate(origin.kwargs, resolve)
+        if origin.op == "get_attr":
+            return self._get_attr(origin.target)
+        if origin.op == "call_module":
+            self.staging.install_original(origin.target)
+        return self.fx_graph.create_node(origin.op, origin.target, args, kwargs, name=origin.name)
+
+    def _get_attr(self, target: str) -> fx.Node:
+        if target not in self.attr_nodes:
+            self.staging.install_original(target)
+            self.attr_nodes[target] = self.fx_graph.get_attr(target)
+        return self.attr_nodes[target]
+
+    # Rebuilt nodes -------------------------------------------------------------------------
+    def _emit_canonical(self, node: Node) -> fx.Node:
+        emitter = _EMITTERS.get(node.kind)
+        if emitter is None:
+            raise RewriteError(f"cannot write a new '{node.kind}' node back to torch.fx", where=f"node {node.name}")
+        inputs = [self.env[id(v)] for v in node.inputs]
+        return emitter(self, node, inputs)
+
+    def new_module(self, node: Node, module: nn.Module) -> str:
+        module.eval()
+        return self.staging.install_new(node.scope or node.name, module)
+
+    def new_tensor(self, node: Node, suffix: str, tensor: torch.Tensor) -> fx.Node:
+        path = self.staging.install_new(f"{node.scope or node.name}_{suffix}", tensor)
+        return self.fx_graph.get_attr(path)
+
+    def call(self, fn: Callable, *args, **kwargs) -> fx.Node:
+        return self.fx_graph.call_function(fn, args, kwargs)
+
+
+def _symmetric(pads) -> bool:
+    return all(a == b for a, b in pads)
+
+
+def _torch_pad(pads) -> list[int]:
+    """(before, after) pairs per spatial dim -> F.pad's last-dim-first list."""
+    out: list[int] = []
+    for before, after in reversed(pads):
+        out += [before, after]
+    return out
+
+
+def _emit_conv(e: FxEmitter, node: Node, inputs):
+    weight, bias = node.params["weight"], node.params.get("bias")
+    a = node.attrs
+    dims = weight.dim() - 2
+    x = inputs[0]
+    pads = a["padding"]
+    mode = a.get("padding_mode", "zeros")
+    if not _symmetric(pads):
+        x = e.call(F.pad, x, _torch_pad(pads), mode="constant" if mode == "zeros" else mode)
+        pads, mode = ((0, 0),) * dims, "zeros"
+    groups = a["groups"]
+    conv = _CONV_CLASSES[dims](weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride=a["stride"],
+                               padding=tuple(p[0] for p in pads), dilation=a["dilation"], groups=groups,
+                               bias=bias is not None, padding_mode=mode, device="meta")
+    conv.weight = nn.Parameter(weight.detach())
+    if bias is not None:
+        conv.bias = nn.Parameter(bias.detach())
+    return e.fx_graph.call_module(e.new_module(node, conv), (x,))
+
+
+def _emit_conv_transpose(e: FxEmitter, node: Node, inputs):
+    weight, bias = node.params["weight"], node.params.get("bias")
+    a = node.attrs
+    dims = weight.dim() - 2
+    if not _symmetric(a["padding"]):
+        raise RewriteError("asymmetric conv_transpose padding has no torch module form", where=f"node {node.name}")
+    groups = a["groups"]
+    conv = _CONV_T_CLASSES[dims](weight.shape[0], weight.shape[1] * groups, tuple(weight.shape[2:]),
+                                 stride=a["stride"], padding=tuple(p[0] for p in a["padding"]),
+                                 output_padding=a["output_padding"], groups=groups, bias=bias is not None,
+                                 dilation=a["dilation"], device="meta")
+    conv.weight = nn.Parameter(weight.detach())
+    if bias is not None:
+        conv.bias = nn.Parameter(bias.detach())
+    return e.fx_graph.call_module(e.new_module(node, conv), (inputs[0],))
+
+
+def _emit_linear(e: FxEmitter, node: Node, inputs):
+    weight, bias = node.params["weight"], node.params.get("bias")
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight.detach())
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach())
+    return e.fx_graph.call_module(e.new_module(node, linear), (inputs[0],))
+
+
+def _emit_batch_norm(e: FxEmitter, node: Node, inputs):
+    tensors = {k: (e.new_tensor(node, k, t.detach()) if t is not None else None) for k, t in node.params.items()}
+    a = node.attrs
+    return e.call(F.batch_norm, inputs[0], tensors["running_mean"], tensors["running_var"],
+                  weight=tensors.get("weight"), bias=tensors.get("bias"), training=a["training"],
+                  momentum=a.get("momentum") or 0.0, eps=a["eps"])
+
+
+def _emit_chain(fn):
+    def emit(e: FxEmitter, node: Node, inputs):
+        out = inputs[0]
+        for other in inputs[1:]:
+            out = e.call(fn, out, other)
+        return out
+    return emit
+
+
+def _emit_clamp(e: FxEmitter, node: Node, inputs):
+    lo = node.params.get("min")
+    hi = node.params.get("max")
+    lo = e.new_tensor(node, "min", lo) if lo is not None else node.attrs.get("min")
+    hi = e.new_tensor(node, "max", hi) if hi is not None else node.attrs.get("max")
+    return e.call(torch.clamp, inputs[0], lo, hi)
+
+
+def _emit_pool(table, *keys):
+    def emit(e: FxEmitter, node: Node, inputs):
+        a = node.attrs
+        if not _symmetric(a["padding"]):
+            raise RewriteError("asymmetric pooling padding has no torch form", where=f"node {node.name}")
+        dims = len(a["kernel_size"])
+        extra = {k: a[k] for k in keys if k in a}
+        return e.call(table[dims], inputs[0], a["kernel_size"], a["stride"], tuple(p[0] for p in a["padding"]),
+                      **extra)
+    return emit
+
+
+def _emit_constant(e: FxEmitter, node: Node, inputs):
+    return e.new_tensor(node, "const", node.params["value"].detach())
+
+
+def _emit_dropout(e: FxEmitter, node: Node, inputs):
+    if node.attrs.get("training"):
+        return e.call(F.dropout, inputs[0], node.attrs["p"], True)
+    return inputs[0]
+
+
+_EMITTERS: dict[str, Callable] = {
+    "conv": _emit_conv,
+    "conv_transpose": _emit_conv_transpose,
+    "linear": _emit_linear,
+    "batch_norm": _emit_batch_norm,
+    "add": _emit_chain(operator.add),
+    "mul": _emit_chain(operator.mul),
+    "relu": lambda e, n, i: e.call(torch.relu, i[0]),
+    "clamp": _emit_clamp,
+    "identity": lambda e, n, i: i[0],
+    "dropout": _emit_dropout,
+    "avg_pool": _emit_pool(_AVG_POOL, "ceil_mode", "count_include_pad", "divisor_override"),
+    "max_pool": _emit_pool(_MAX_POOL, "dilation", "ceil_mode"),
+    "adaptive_avg_pool": lambda e, n, i: e.call(_ADAPTIVE[len(n.attrs["output_size"])], i[0], n.attrs["output_size"]),
+    "concat": lambda e, n, i: e.call(torch.cat, list(i), dim=n.attrs["dim"]),
+    "split": lambda e, n, i: e.call(torch.split, i[0], list(n.attrs["sizes"]), dim=n.attrs["dim"]),
+    "flatten": lambda e, n, i: e.call(torch.flatten, i[0], n.attrs["start_dim"], n.attrs["end_dim"]),
+    "reshape": lambda e, n, i: e.call(torch.reshape, i[0], tuple(n.attrs["shape"])),
+    "constant": _emit_constant,
+}
+
+
+def emit_graph_module(graph: Graph, copy_originals: bool = True) -> fx.GraphModule:
+    return FxEmitter(graph, copy_originals).run()

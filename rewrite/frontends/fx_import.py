@@ -1,0 +1,410 @@
+"""torch.fx graph -> IR. Modules, functions and methods that mean the same op become one kind.
+
+Each IR node keeps an `FxOrigin`: the fx call it came from, with its tensor arguments replaced by
+references to the IR node's inputs. The backend re-emits untouched nodes from it verbatim.
+"""
+from __future__ import annotations
+
+import inspect
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ir import Graph, Node, Value
+
+
+@dataclass(frozen=True)
+class In:
+    """Placeholder in an origin template: the IR node's input number `index`."""
+    index: int
+
+
+@dataclass(frozen=True)
+class Attr:
+    """Placeholder in an origin template: a get_attr of `target` on the root module."""
+    target: str
+
+
+@dataclass
+class FxOrigin:
+    op: str
+    target: Any
+    args: tuple
+    kwargs: dict
+    name: str
+
+
+def _pairs(value, dims: int) -> tuple:
+    value = tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
+    return tuple((int(v), int(v)) for v in value)
+
+
+def _tuple(value, dims: int) -> tuple:
+    return tuple(int(v) for v in value) if isinstance(value, (tuple, list)) else (int(value),) * dims
+
+
+def _same_padding(kernel, dilation) -> tuple:
+    pads = []
+    for k, d in zip(kernel, dilation):
+        total = d * (k - 1)
+        pads.append((total // 2, total - total // 2))
+    return tuple(pads)
+
+
+def conv_attrs(weight: torch.Tensor, stride, padding, dilation, groups, padding_mode="zeros") -> dict:
+    dims = weight.dim() - 2
+    dilation = _tuple(dilation, dims)
+    if isinstance(padding, str):
+        pads = ((0, 0),) * dims if padding == "valid" else _same_padding(weight.shape[2:], dilation)
+    else:
+        pads = _pairs(padding, dims)
+    return {"stride": _tuple(stride, dims), "padding": pads, "dilation": dilation, "groups": int(groups),
+            "padding_mode": padding_mode}
+
+
+def conv_transpose_attrs(weight, stride, padding, output_padding, groups, dilation) -> dict:
+    dims = weight.dim() - 2
+    return {"stride": _tuple(stride, dims), "padding": _pairs(padding, dims),
+            "output_padding": _tuple(output_padding, dims), "dilation": _tuple(dilation, dims),
+            "groups": int(groups)}
+
+
+def bn_node_parts(running_mean, running_var, weight, bias, training, momentum, eps):
+    attrs = {"eps": float(eps), "momentum": momentum, "training": bool(training) or running_mean is None}
+    params = {"running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias}
+    return attrs, params
+
+
+def pool_attrs(kind: str, kernel_size, stride, padding, dims: int, **extra) -> dict:
+    kernel = _tuple(kernel_size, dims)
+    stride = kernel if stride is None or stride == [] or stride == () else _tuple(stride, dims)
+    attrs = {"kernel_size": kernel, "stride": stride, "padding": _pairs(padding, dims)}
+    attrs.update(extra)
+    return attrs
+
+
+# -- module recognizers: (module) -> (kind, attrs, params) or None ------------------------------
+def _plain(m: nn.Module, *classes: type) -> bool:
+    """An instance of one of `classes` whose forward is the stock one (not a custom subclass)."""
+    return any(isinstance(m, c) and type(m).forward is c.forward for c in classes)
+
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_TS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+_MAXPOOLS = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
+_AVGPOOLS = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
+_ADAPTIVE = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}
+
+
+def recognize_module(m: nn.Module, nargs: int):
+    if nargs != 1:
+        return None
+    if _plain(m, *_CONVS):
+        return "conv", conv_attrs(m.weight, m.stride, m.padding, m.dilation, m.groups, m.padding_mode), \
+            {"weight": m.weight, "bias": m.bias}
+    if _plain(m, *_CONV_TS) and m.padding_mode == "zeros":
+        return "conv_transpose", conv_transpose_attrs(m.weight, m.stride, m.padding, m.output_padding, m.groups,
+                                                      m.dilation), {"weight": m.weight, "bias": m.bias}
+    if _plain(m, nn.Linear):
+        return "linear", {}, {"weight": m.weight, "bias": m.bias}
+    if _plain(m, *_BNS):
+        attrs, params = bn_node_parts(m.running_mean, m.running_var, m.weight, m.bias,
+                                      m.training or m.running_mean is None, m.momentum, m.eps)
+        return "batch_norm", attrs, params
+    if _plain(m, nn.ReLU):
+        return "relu", {}, {}
+    if _plain(m, nn.ReLU6):
+        return "clamp", {"min": 0.0, "max": 6.0}, {}
+    if _plain(m, nn.Hardtanh):
+        return "clamp", {"min": float(m.min_val), "max": float(m.max_val)}, {}
+    if _plain(m, nn.Identity):
+        return "identity", {}, {}
+    if _plain(m, *_DROPOUTS):
+        return "dropout", {"p": m.p, "training": m.training}, {}
+    if _plain(m, nn.Flatten):
+        return "flatten", {"start_dim": m.start_dim, "end_dim": m.end_dim}, {}
+    for cls, dims in _MAXPOOLS.items():
+        if _plain(m, cls) and not m.return_indices:
+            return "max_pool", pool_attrs("max", m.kernel_size, m.stride, m.padding, dims,
+                                          dilation=_tuple(m.dilation, dims), ceil_mode=m.ceil_mode), {}
+    for cls, dims in _AVGPOOLS.items():
+        if _plain(m, cls):
+            return "avg_pool", pool_attrs("avg", m.kernel_size, m.stride, m.padding, dims, ceil_mode=m.ceil_mode,
+                                          count_include_pad=m.count_include_pad,
+                                          divisor_override=getattr(m, "divisor_override", None)), {}
+    for cls, dims in _ADAPTIVE.items():
+        if _plain(m, cls):
+            return "adaptive_avg_pool", {"output_size": _tuple(m.output_size, dims)}, {}
+    return None
+
+
+# -- function recognizers: signature stand-ins bind args the way torch does ----------------------
+def _sig_conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1): ...
+def _sig_conv_t(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1): ...
+def _sig_linear(input, weight, bias=None): ...
+def _sig_bn(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5): ...
+def _sig_unary(input, inplace=False): ...
+def _sig_hardtanh(input, min_val=-1.0, max_val=1.0, inplace=False): ...
+def _sig_clamp(input, min=None, max=None): ...
+def _sig_binary(input, other, alpha=1): ...
+def _sig_cat(tensors, dim=0): ...
+def _sig_flatten(input, start_dim=0, end_dim=-1): ...
+def _sig_dropout(input, p=0.5, training=True, inplace=False): ...
+def _sig_adaptive(input, output_size): ...
+
+
+_FUNCTIONS: dict[Any, tuple[str, Callable]] = {
+    F.conv1d: ("conv", _sig_conv), F.conv2d: ("conv", _sig_conv), F.conv3d: ("conv", _sig_conv),
+    F.conv_transpose1d: ("conv_transpose", _sig_conv_t), F.conv_transpose2d: ("conv_transpose", _sig_conv_t),
+    F.conv_transpose3d: ("conv_transpose", _sig_conv_t),
+    F.linear: ("linear", _sig_linear),
+    F.batch_norm: ("batch_norm", _sig_bn),
+    F.relu: ("relu", _sig_unary), torch.relu: ("relu", _sig_unary),
+    F.relu6: ("relu6", _sig_unary), F.hardtanh: ("hardtanh", _sig_hardtanh),
+    torch.clamp: ("clamp", _sig_clamp), torch.clip: ("clamp", _sig_clamp),
+    operator.add: ("add", _sig_binary), torch.add: ("add", _sig_binary),
+    operator.mul: ("mul", _sig_binary), torch.mul: ("mul", _sig_binary),
+    torch.cat: ("concat", _sig_cat), torch.concat: ("concat", _sig_cat),
+    torch.flatten: ("flatten", _sig_flatten),
+    F.dropout: ("dropout", _sig_dropout),
+    F.adaptive_avg_pool2d: ("adaptive_avg_pool", _sig_adaptive),
+}
+_METHODS: dict[str, tuple[str, Callable]] = {
+    "add": ("add", _sig_binary), "mul": ("mul", _sig_binary), "relu": ("relu", _sig_unary),
+    "flatten": ("flatten", _sig_flatten), "clamp": ("clamp", _sig_clamp),
+}
+
+
+class FxImporter:
+    """Builds the IR for one traced fx graph of `root`."""
+
+    def __init__(self, root: nn.Module, fx_graph: fx.Graph):
+        self.root = root
+        self.fx_graph = fx_graph
+        self.graph = Graph()
+        self.values: dict[fx.Node, Value] = {}
+        self.placeholders: list[tuple[str, Any]] = []
+
+    # The import proper --------------------------------------------------------------------
+    def run(self) -> Graph:
+        for fx_node in self.fx_graph.nodes:
+            if fx_node.op == "placeholder":
+                default = fx_node.args[0] if fx_node.args else inspect.Parameter.empty
+                self.placeholders.append((fx_node.target, default))
+                value = self.graph.add_input(fx_node.name)
+                self._set_meta(value, fx_node)
+                self.values[fx_node] = value
+            elif fx_node.op == "output":
+                self._import_output(fx_node)
+            else:
+                self.values[fx_node] = self._import_node(fx_node)
+        self.graph.meta.update(frontend="fx", fx_root=self.root, fx_placeholders=self.placeholders)
+        self.graph.eliminate_dead_code()
+        return self.graph
+
+    def _import_output(self, fx_node: fx.Node) -> None:
+        outputs: list[Value] = []
+
+        def to_template(arg):
+            if isinstance(arg, fx.Node):
+                outputs.append(self.values[arg])
+                return In(len(outputs) - 1)
+            return arg
+
+        template = fx.node.map_aggregate(fx_node.args[0], to_template)
+        self.graph.outputs = outputs
+        self.graph.meta["fx_output"] = template
+
+    def _import_node(self, fx_node: fx.Node) -> Value | None:
+        if fx_node.op == "call_function" and fx_node.target is torch._assert:
+            return None  # a shape check traced from the model (timm's _assert); it guards nothing here
+        if fx_node.op == "get_attr":
+            tensor = _fetch_attr(self.root, fx_node.target)
+            if isinstance(tensor, torch.Tensor):
+                node = Node("constant", fx_node.name, params={"value": tensor})
+                node.origin = FxOrigin("get_attr", fx_node.target, (), {}, fx_node.name)
+                return self._finish(node, fx_node)
+        recognized = self._recognize(fx_node)
+        if recognized is not None:
+            return recognized
+        return self._opaque(fx_node)
+
+    def _finish(self, node: Node, fx_node: fx.Node) -> Value:
+        node.scope = fx_node.target if fx_node.op in ("call_module", "get_attr") else None
+        self.graph.append(node)
+        self._set_meta(node.output, fx_node)
+        return node.output
+
+    # Opaque nodes keep their whole call; tensor args become inputs ----------------------------
+    def _opaque(self, fx_node: fx.Node) -> Value:
+        node = Node("opaque", fx_node.name)
+        args, kwargs = self._template(node, fx_node.args, fx_node.kwargs)
+        node.attrs["fx_op"] = fx_node.op
+        node.attrs["target"] = fx_node.target
+        node.attrs["pure"] = _is_pure_call(fx_node)
+        node.origin = FxOrigin(fx_node.op, fx_node.target, args, kwargs, fx_node.name)
+        return self._finish(node, fx_node)
+
+    def _template(self, node: Node, args, kwargs):
+        def to_template(arg):
+            if isinstance(arg, fx.Node):
+                node.add_input(self.values[arg])
+                return In(len(node.inputs) - 1)
+            return arg
+
+        return fx.node.map_aggregate(args, to_template), fx.node.map_aggregate(kwargs, to_template)
+
+    # Recognized nodes --------------------------------------------------------------------
+    def _recognize(self, fx_node: fx.Node) -> Value | None:
+        if fx_node.op == "call_module":
+            module = self.root.get_submodule(fx_node.target)
+            found = recognize_module(module, len(fx_node.args) + len(fx_node.kwargs))
+            if found is None or not isinstance(fx_node.args[0], fx.Node):
+                return None
+            kind, attrs, params = found
+            return self._make(kind, fx_node, [fx_node.args[0]], attrs, params)
+        if fx_node.op == "call_function" and _hashable(fx_node.target) and fx_node.target in _FUNCTIONS:
+            kind, sig = _FUNCTIONS[fx_node.target]
+        elif fx_node.op == "call_method" and fx_node.target in _METHODS:
+            kind, sig = _METHODS[fx_node.target]
+        else:
+            return None
+        try:
+            bound = inspect.signature(sig).bind(*fx_node.args, **fx_node.kwargs)
+        except TypeError:
+            return None
+        bound.apply_defaults()
+        return self._recognize_call(kind, fx_node, dict(bound.arguments))
+
+    def _recognize_call(self, kind: str, fx_node: fx.Node, a: dict) -> Value | None:
+        x = a.get("input")
+        if kind in ("conv", "conv_transpose", "linear", "batch_norm"):
+            tensor_keys = {"conv": ("weight", "bias"), "conv_transpose": ("weight", "bias"),
+                           "linear": ("weight", "bias"),
+                           "batch_norm": ("running_mean", "running_var", "weight", "bias")}[kind]
+            params = {k: self._attr_tensor(a[k]) for k in tensor_keys}
+            if not isinstance(x, fx.Node) or any(a[k] is not None and params[k] is None for k in tensor_keys):
+                return None  # a parameter computed in forward: keep the call as it is
+            if any(isinstance(v, fx.Node) for k, v in a.items() if k not in tensor_keys and k != "input"):
+                return None
+            if kind == "conv":
+                attrs = conv_attrs(params["weight"], a["stride"], a["padding"], a["dilation"], a["groups"])
+            elif kind == "conv_transpose":
+                attrs = conv_transpose_attrs(params["weight"], a["stride"], a["padding"], a["output_padding"],
+                                             a["groups"], a["dilation"])
+            elif kind == "batch_norm":
+                attrs, params = bn_node_parts(params["running_mean"], params["running_var"], params["weight"],
+                                              params["bias"], a["training"], a["momentum"], a["eps"])
+            else:
+                attrs = {}
+            return self._make(kind, fx_node, [x], attrs, params)
+        if kind in ("relu", "relu6", "hardtanh", "clamp", "flatten", "dropout", "adaptive_avg_pool"):
+            if not isinstance(x, fx.Node) or any(isinstance(v, fx.Node) for k, v in a.items() if k != "input"):
+                return None
+            attrs = {}
+            if kind == "relu6":
+                kind, attrs = "clamp", {"min": 0.0, "max": 6.0}
+            elif kind == "hardtanh":
+                kind, attrs = "clamp", {"min": float(a["min_val"]), "max": float(a["max_val"])}
+            elif kind == "clamp":
+                attrs = {"min": _opt_float(a["min"]), "max": _opt_float(a["max"])}
+            elif kind == "flatten":
+                attrs = {"start_dim": a["start_dim"], "end_dim": a["end_dim"]}
+            elif kind == "dropout":
+                attrs = {"p": a["p"], "training": bool(a["training"])}
+            elif kind == "adaptive_avg_pool":
+                attrs = {"output_size": _tuple(a["output_size"], 2)}
+            return self._make(kind, fx_node, [x], attrs, {})
+        if kind in ("add", "mul"):
+            if a.get("alpha", 1) != 1:
+                return None
+            operands = [a["input"], a["other"]]
+            if not any(isinstance(o, fx.Node) for o in operands):
+                return None
+            return self._make(kind, fx_node, operands, {}, {})
+        if kind == "concat":
+            tensors = a["tensors"]
+            if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, fx.Node) for t in tensors):
+                return None
+            return self._make("concat", fx_node, list(tensors), {"dim": int(a["dim"])}, {})
+        return None
+
+    def _make(self, kind: str, fx_node: fx.Node, operands: list, attrs: dict, params: dict) -> Value:
+        """Build a recognized node; non-tensor operands (Python numbers) become constant inputs."""
+        node = Node(kind, fx_node.name, attrs=attrs, params=params)
+        for operand in operands:
+            if isinstance(operand, fx.Node):
+                node.add_input(self.values[operand])
+            else:
+                const = Node("constant", f"{fx_node.name}_scalar", params={"value": torch.tensor(float(operand))})
+                self.graph.append(const)
+                node.add_input(const.output)
+        args, kwargs = self._template_without_inputs(node, fx_node)
+        node.origin = FxOrigin(fx_node.op, fx_node.target, args, kwargs, fx_node.name)
+        return self._finish(node, fx_node)
+
+    def _template_without_inputs(self, node: Node, fx_node: fx.Node):
+        """The fx call with each data operand replaced by In(i) and each get_attr by Attr(target)."""
+        index = {id(v): i for i, v in enumerate(node.inputs)}
+
+        def to_template(arg):
+            if isinstance(arg, fx.Node):
+                if arg.op == "get_attr" and id(self.values.get(arg)) not in index:
+                    return Attr(arg.target)
+                return In(index[id(self.values[arg])])
+            return arg
+
+        return fx.node.map_aggregate(fx_node.args, to_template), fx.node.map_aggregate(fx_node.kwargs, to_template)
+
+    def _attr_tensor(self, arg) -> torch.Tensor | None:
+        if isinstance(arg, fx.Node) and arg.op == "get_attr":
+            value = _fetch_attr(self.root, arg.target)
+            return value if isinstance(value, torch.Tensor) else None
+        return None
+
+    @staticmethod
+    def _set_meta(value: Value, fx_node: fx.Node) -> None:
+        meta = fx_node.meta.get("tensor_meta")
+        if meta is not None and hasattr(meta, "shape"):
+            value.shape, value.dtype = tuple(meta.shape), meta.dtype
+
+
+_PURE_FUNCTIONS = {getattr, operator.getitem, operator.eq, operator.ne, operator.lt, operator.le,
+                   operator.gt, operator.ge, operator.floordiv, operator.truediv, operator.sub}
+_PURE_METHODS = {"size", "dim", "view", "reshape", "permute", "transpose", "contiguous", "mean", "sigmoid",
+                 "chunk", "split", "expand", "expand_as", "softmax", "squeeze", "unsqueeze", "t"}
+
+
+def _is_pure_call(fx_node: fx.Node) -> bool:
+    """Calls known to have no side effects, so an unused one may be dropped."""
+    if fx_node.op == "call_function":
+        return _hashable(fx_node.target) and fx_node.target in _PURE_FUNCTIONS
+    if fx_node.op == "call_method":
+        return fx_node.target in _PURE_METHODS
+    return fx_node.op == "get_attr"
+
+
+def _opt_float(v):
+    return None if v is None else float(v)
+
+
+def _hashable(target) -> bool:
+    try:
+        hash(target)
+        return True
+    except TypeError:
+        return False
+
+
+def _fetch_attr(root: nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

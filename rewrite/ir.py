@@ -1,0 +1,228 @@
+"""The intermediate representation shared by every frontend and every rule.
+
+A `Graph` is a list of `Node`s in topological order. A node has a canonical op `kind`
+(`conv`, `batch_norm`, `add`, ...), input `Value`s, output `Value`s, plain attributes and
+tensor parameters. Every value keeps a use-list, so rules can ask who reads a value and the
+driver can erase dead nodes. Anything a frontend does not understand becomes an `opaque`
+node; the frontend keeps what it needs in `node.origin` to write it back exactly.
+
+Parameters are tensors owned by the node (`node.params`). Two nodes may hold the same tensor
+object (a module called twice, a shared initializer); rules never edit a tensor in place,
+they build fresh ones, so sharing is safe.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Iterator
+
+import torch
+
+# Canonical op kinds. Rules dispatch on these; frontends map their own ops onto them.
+CANONICAL_KINDS = frozenset(
+    {
+        "conv", "conv_transpose", "linear", "batch_norm",
+        "add", "mul", "relu", "clamp", "identity", "dropout",
+        "avg_pool", "max_pool", "adaptive_avg_pool", "concat", "split", "flatten", "reshape",
+        "constant", "opaque",
+    }
+)
+# Kinds without side effects: a node of these kinds whose outputs are unused can be erased.
+PURE_KINDS = CANONICAL_KINDS - {"opaque"}
+
+
+def is_pure(node: "Node") -> bool:
+    """Canonical ops are pure; an opaque node only when its frontend vouched for it."""
+    return node.kind in PURE_KINDS or bool(node.attrs.get("pure"))
+
+
+class Value:
+    """One tensor flowing in the graph: produced by at most one node, read by any number."""
+
+    __slots__ = ("name", "producer", "index", "uses", "shape", "dtype", "graph_input")
+
+    def __init__(self, name: str, producer: "Node | None" = None, index: int = 0,
+                 shape: tuple | None = None, dtype: torch.dtype | None = None):
+        self.name = name
+        self.producer = producer
+        self.index = index
+        self.uses: list[tuple[Node, int]] = []
+        self.shape = shape
+        self.dtype = dtype
+        self.graph_input = False
+
+    @property
+    def users(self) -> list["Node"]:
+        """Distinct nodes that read this value, in first-use order."""
+        seen: dict[int, Node] = {}
+        for node, _ in self.uses:
+            seen.setdefault(id(node), node)
+        return list(seen.values())
+
+    def __repr__(self) -> str:
+        return f"%{self.name}"
+
+
+class Node:
+    """One operation. `attrs` hold plain data, `params` hold tensors (weights, statistics)."""
+
+    __slots__ = ("kind", "name", "inputs", "outputs", "attrs", "params", "origin", "scope", "graph")
+
+    def __init__(self, kind: str, name: str, inputs: Iterable[Value] = (), attrs: dict | None = None,
+                 params: dict[str, torch.Tensor | None] | None = None, num_outputs: int = 1,
+                 origin: Any = None):
+        self.kind = kind
+        self.name = name
+        self.inputs: list[Value] = []
+        self.attrs: dict[str, Any] = dict(attrs or {})
+        self.params: dict[str, torch.Tensor | None] = dict(params or {})
+        self.origin = origin  # frontend data to write this node back unchanged; None once rebuilt
+        self.scope: str | None = None  # the module path this node came from, used to name what replaces it
+        self.graph: Graph | None = None
+        for value in inputs:
+            self.add_input(value)
+        self.outputs = [Value(name if i == 0 else f"{name}.{i}", self, i) for i in range(num_outputs)]
+
+    @property
+    def output(self) -> Value:
+        return self.outputs[0]
+
+    def add_input(self, value: Value) -> None:
+        value.uses.append((self, len(self.inputs)))
+        self.inputs.append(value)
+
+    def set_input(self, index: int, value: Value) -> None:
+        old = self.inputs[index]
+        old.uses.remove((self, index))
+        value.uses.append((self, index))
+        self.inputs[index] = value
+
+    def drop_inputs(self) -> None:
+        for i, value in enumerate(self.inputs):
+            value.uses.remove((self, i))
+        self.inputs = []
+
+    def param(self, key: str) -> torch.Tensor | None:
+        return self.params.get(key)
+
+    def __repr__(self) -> str:
+        ins = ", ".join(map(repr, self.inputs))
+        outs = ", ".join(map(repr, self.outputs))
+        return f"{outs} = {self.kind}[{self.name}]({ins})"
+
+
+class Graph:
+    """Nodes in a topological order, graph inputs and outputs, and frontend bookkeeping.
+
+    Nodes live in an insertion-ordered dict so erasing is O(1); new nodes are appended and
+    `topological_sort()` (run by the pass driver and the backends) restores a valid order.
+    """
+
+    def __init__(self):
+        self._nodes: dict[Node, None] = {}
+        self.inputs: list[Value] = []
+        self.outputs: list[Value] = []
+        self.meta: dict[str, Any] = {}
+        self._names: set[str] = set()
+
+    @property
+    def nodes(self) -> list[Node]:
+        return list(self._nodes)
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(list(self._nodes))
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    # -- construction -------------------------------------------------------------------
+    def unique_name(self, base: str) -> str:
+        name, n = base, 1
+        while name in self._names:
+            name = f"{base}_{n}"
+            n += 1
+        self._names.add(name)
+        return name
+
+    def add_input(self, name: str, shape=None, dtype=None) -> Value:
+        value = Value(self.unique_name(name), shape=shape, dtype=dtype)
+        value.graph_input = True
+        self.inputs.append(value)
+        return value
+
+    def append(self, node: Node) -> Node:
+        """Add a node. Its name is made unique within the graph."""
+        if node.name in self._names:
+            node.name = self.unique_name(node.name)
+            for i, out in enumerate(node.outputs):
+                out.name = node.name if i == 0 else f"{node.name}.{i}"
+        else:
+            self._names.add(node.name)
+        node.graph = self
+        self._nodes[node] = None
+        return node
+
+    # -- queries ------------------------------------------------------------------------
+    def is_output(self, value: Value) -> bool:
+        return any(v is value for v in self.outputs)
+
+    def external_uses(self, value: Value) -> int:
+        """Number of reads of a value, counting each graph output as one read."""
+        return len(value.uses) + sum(1 for v in self.outputs if v is value)
+
+    def find(self, name: str) -> Node:
+        for node in self._nodes:
+            if node.name == name:
+                return node
+        raise KeyError(name)
+
+    def count(self, kind: str) -> int:
+        return sum(1 for n in self._nodes if n.kind == kind)
+
+    # -- mutation -----------------------------------------------------------------------
+    def replace_all_uses(self, old: Value, new: Value) -> None:
+        for node, index in list(old.uses):
+            node.set_input(index, new)
+        self.outputs = [new if v is old else v for v in self.outputs]
+
+    def erase(self, node: Node) -> None:
+        node.drop_inputs()
+        del self._nodes[node]
+        node.graph = None
+
+    def eliminate_dead_code(self) -> int:
+        """Erase pure nodes whose outputs nobody reads. Returns how many were erased."""
+        erased = 0
+        for node in reversed(list(self._nodes)):
+            if is_pure(node) and all(self.external_uses(v) == 0 for v in node.outputs):
+                self.erase(node)
+                erased += 1
+        return erased
+
+    def topological_sort(self) -> None:
+        """Restore a topological order; stable, so nodes already in order keep it. O(nodes)."""
+        ordered: dict[Node, None] = {}
+        visiting: set[Node] = set()
+        for root in self._nodes:
+            stack = [(root, False)]
+            while stack:
+                node, expanded = stack.pop()
+                if node in ordered:
+                    continue
+                if expanded:
+                    visiting.discard(node)
+                    ordered[node] = None
+                    continue
+                if node in visiting:
+                    raise ValueError(f"graph has a cycle through {node.name}")
+                visiting.add(node)
+                stack.append((node, True))
+                for value in reversed(node.inputs):
+                    producer = value.producer
+                    if producer is not None and producer not in ordered and producer.graph is self:
+                        stack.append((producer, False))
+        self._nodes = ordered
+
+    def __repr__(self) -> str:
+        lines = [f"graph({', '.join(map(repr, self.inputs))}):"]
+        lines += [f"  {node!r}" for node in self._nodes]
+        lines.append(f"  return {', '.join(map(repr, self.outputs))}")
+        return "\n".join(lines)

@@ -1,0 +1,200 @@
+"""Passes, their results, the worklist driver that runs rules to a bounded fixpoint, and the registry."""
+from __future__ import annotations
+
+from collections import Counter, defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from .errors import PassError
+from .ir import Graph, Node, Value, is_pure
+from .pattern import match
+from .rule import Refusal, RewriteContext, Rule
+
+
+@dataclass
+class Rewritten:
+    rule: str
+    nodes: tuple[str, ...]  # names of the matched nodes, root first
+
+
+@dataclass
+class Refused:
+    rule: str
+    node: str
+    reason: str
+
+
+@dataclass
+class PassResult:
+    """What a pass did. `modified` is derived from the counts, never set by hand."""
+
+    name: str
+    counts: Counter = field(default_factory=Counter)
+    rewritten: list[Rewritten] = field(default_factory=list)
+    refused: list[Refused] = field(default_factory=list)
+    notes: dict[str, Any] = field(default_factory=dict)  # pass-specific extras (costs, groups, ...)
+
+    @property
+    def modified(self) -> bool:
+        return sum(self.counts.values()) > 0
+
+    def record(self, rule: str, nodes: Iterable[str]) -> None:
+        self.counts[rule] += 1
+        self.rewritten.append(Rewritten(rule, tuple(nodes)))
+
+
+class Pass:
+    """A named transformation of a Graph. Subclasses implement `run`."""
+
+    name: str = "pass"
+    description: str = ""
+
+    def run(self, graph: Graph, options: dict | None = None) -> PassResult:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<pass {self.name}>"
+
+
+class RulePass(Pass):
+    """Applies its rules by pattern until none fires (a bounded fixpoint).
+
+    Rules are dispatched on the root op kind, so each node only meets the rules that can match it.
+    """
+
+    def __init__(self, name: str, rules: Iterable[Rule], description: str = "", max_rewrites_per_node: int = 8):
+        self.name = name
+        self.rules = list(rules)
+        self.description = description
+        self.max_rewrites_per_node = max_rewrites_per_node
+        self._by_kind: dict[str, list[Rule]] = defaultdict(list)
+        for r in self.rules:
+            for kind in r.root_kinds:
+                self._by_kind[kind].append(r)
+
+    def run(self, graph: Graph, options: dict | None = None) -> PassResult:
+        result = PassResult(self.name)
+        refusals: dict[tuple[str, str], tuple[Refused, list[Node]]] = {}
+        graph.topological_sort()
+        budget = self.max_rewrites_per_node * max(len(graph), 1) + 64
+        recent: deque[str] = deque(maxlen=6)
+        worklist = deque(graph.nodes)
+        queued = set(worklist)
+        while worklist:
+            node = worklist.popleft()
+            queued.discard(node)
+            if node.graph is not graph:
+                continue
+            fired = self._rewrite_once(graph, node, options, result, refusals)
+            if fired is None:
+                continue
+            rule_name, touched = fired
+            recent.append(f"{rule_name}@{node.name}")
+            if sum(result.counts.values()) > budget:
+                raise PassError(f"no fixpoint after {budget} rewrites; last rules fired: {', '.join(recent)}",
+                                where=f"pass {self.name}")
+            for other in touched:
+                if other.graph is graph and other not in queued:
+                    worklist.append(other)
+                    queued.add(other)
+        graph.topological_sort()
+        # Report a refusal only while every node it concerned is still there: a site that another
+        # rule rewrote later is not a refusal the user needs to hear about.
+        result.refused = [r for r, nodes in refusals.values() if all(n.graph is graph for n in nodes)]
+        return result
+
+    def _rewrite_once(self, graph, node, options, result, refusals):
+        for r in self._by_kind.get(node.kind, ()):
+            for found in match(r.pattern, node):
+                if found.shared_with and not r.allow_shared:
+                    reason = (f"an intermediate value of the match is also read by {', '.join(found.shared_with[:3])}; "
+                              "rewriting would change that reader's input")
+                    refusals[(r.name, node.name)] = (Refused(r.name, node.name, reason), list(found.nodes))
+                    continue
+                ctx = RewriteContext(graph, node, options)
+                outcome = r(ctx, found.bindings)
+                if outcome is None or isinstance(outcome, Refusal):
+                    _discard(graph, ctx.created)
+                    if isinstance(outcome, Refusal):
+                        refusals[(r.name, node.name)] = (Refused(r.name, node.name, outcome.reason), list(found.nodes))
+                    continue
+                replacements = outcome if isinstance(outcome, dict) else {node.output: outcome}
+                touched = _apply_replacements(graph, replacements)
+                refusals.pop((r.name, node.name), None)
+                result.record(r.name, [n.name for n in found.nodes])
+                for new in ctx.created:
+                    _inherit_metadata(new, found.nodes)
+                _erase_dead(graph, found.nodes)
+                touched += [n for n in ctx.created if n.graph is graph]
+                return r.name, touched
+        return None
+
+
+def _inherit_metadata(new: Node, matched: list[Node]) -> None:
+    """Shapes of new outputs default to those of the matched root's outputs (same position)."""
+    root = matched[0]
+    for out, old in zip(new.outputs, root.outputs):
+        if out.shape is None and new.name == root.name:
+            out.shape, out.dtype = old.shape, old.dtype
+
+
+def _apply_replacements(graph: Graph, replacements: dict[Value, Value]) -> list[Node]:
+    touched: list[Node] = []
+    for old, new in replacements.items():
+        touched += old.users
+        graph.replace_all_uses(old, new)
+        if new.producer is not None:
+            touched.append(new.producer)
+    return touched
+
+
+def _discard(graph: Graph, created: list[Node]) -> None:
+    """Undo the nodes a refusing rule built before it refused."""
+    for node in reversed(created):
+        if node.graph is graph:
+            graph.erase(node)
+
+
+def _erase_dead(graph: Graph, nodes: Iterable[Node]) -> None:
+    """Erase the given nodes, and producers they kept alive, once nothing reads them."""
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        if node.graph is not graph or not is_pure(node):
+            continue
+        if any(graph.external_uses(v) for v in node.outputs):
+            continue
+        producers = [v.producer for v in node.inputs if v.producer is not None]
+        graph.erase(node)
+        stack.extend(producers)
+
+
+# -- registry -----------------------------------------------------------------------------
+_REGISTRY: dict[str, Pass] = {}
+
+
+def register_pass(p: Pass) -> Pass:
+    _REGISTRY[p.name] = p
+    return p
+
+
+def get_pass(spec: str | Pass) -> Pass:
+    if isinstance(spec, Pass):
+        return spec
+    if isinstance(spec, Rule):
+        return RulePass(spec.name, [spec], spec.description)
+    if isinstance(spec, str):
+        _load_builtin_passes()
+        if spec in _REGISTRY:
+            return _REGISTRY[spec]
+        raise PassError(f"unknown pass {spec!r}; known passes: {', '.join(sorted(_REGISTRY))}")
+    raise PassError(f"a pass must be a name, a Pass or a Rule, not {type(spec).__name__}")
+
+
+def available_passes() -> dict[str, Pass]:
+    _load_builtin_passes()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def _load_builtin_passes() -> None:
+    import rewrite.passes  # noqa: F401  (registers the built-in passes on import)

@@ -1,0 +1,91 @@
+"""Rules: a pattern plus a function from its captures to a replacement, or a refusal.
+
+    @rule(P.op("relu", P.op("relu", P.any("x"))))
+    def drop_double_relu(ctx, x):
+        return ctx.op("relu", x)
+
+The function receives the rewrite context and the pattern's captures by name. It returns the
+value that replaces the root's output, a dict {old value: new value}, `ctx.fail("why")` to
+refuse (the reason reaches the report), or None when the site is simply not its business.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .ir import Graph, Node, Value
+from .params import cast_like
+from .pattern import OpPattern
+
+
+@dataclass(frozen=True)
+class Refusal:
+    reason: str
+
+
+@dataclass
+class Rule:
+    name: str
+    pattern: OpPattern
+    fn: Callable[..., Any]
+    allow_shared: bool = False  # may intermediate values of the match be read elsewhere?
+    description: str = ""
+
+    @property
+    def root_kinds(self) -> tuple[str, ...]:
+        return self.pattern.kinds
+
+    def __call__(self, ctx: "RewriteContext", bindings: dict[str, Any]):
+        params = inspect.signature(self.fn).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return self.fn(ctx, **bindings)
+        return self.fn(ctx, **{k: v for k, v in bindings.items() if k in params})
+
+
+def rule(pattern: OpPattern, name: str | None = None, allow_shared: bool = False):
+    """Decorator turning `fn(ctx, **captures)` into a Rule named after the function."""
+    if not isinstance(pattern, OpPattern):
+        raise TypeError("a rule's pattern must be rooted at an op (P.op / P.add)")
+
+    def wrap(fn):
+        doc = (fn.__doc__ or "").strip().splitlines()
+        return Rule(name or fn.__name__, pattern, fn, allow_shared, doc[0] if doc else "")
+
+    return wrap
+
+
+class RewriteContext:
+    """What a rule function may do to the graph: build nodes and parameters, or refuse."""
+
+    def __init__(self, graph: Graph, root: Node, options: dict | None = None):
+        self.graph = graph
+        self.root = root
+        self.options = options or {}
+        self.created: list[Node] = []
+
+    def fail(self, reason: str) -> Refusal:
+        return Refusal(reason)
+
+    def op(self, kind: str, *inputs: Value, params: dict | None = None, name: str | None = None,
+           like: Value | None = None, num_outputs: int = 1, **attrs) -> Value:
+        """Add a new node and return its (first) output. `like` copies shape and dtype metadata."""
+        node = Node(kind, name or self.root.name, inputs, attrs, params, num_outputs)
+        node.scope = self.root.scope
+        self.graph.append(node)
+        self.created.append(node)
+        if like is not None:
+            node.output.shape, node.output.dtype = like.shape, like.dtype
+        return node.output
+
+    def constant(self, tensor: torch.Tensor, name: str | None = None) -> Value:
+        value = self.op("constant", params={"value": tensor}, name=name or f"{self.root.name}_const")
+        value.shape, value.dtype = tuple(tensor.shape), tensor.dtype
+        return value
+
+    @staticmethod
+    def param(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A float64 result cast back to the dtype and device of an existing parameter."""
+        return cast_like(value, like)
