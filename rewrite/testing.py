@@ -1,0 +1,137 @@
+"""Helpers for property-testing passes, ours and users': hypothesis strategies and check_pass().
+
+    from rewrite.testing import check_pass, randomize_bn
+    check_pass("fold_bn", model, x)                         # equivalence + idempotence
+    check_pass("fold_bn", model, x, refuses="padding")      # a near miss left alone, with its reason
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from hypothesis import strategies as st
+
+from .api import apply
+from .pass_manager import Pass, get_pass
+from .verify import verify_torch
+
+
+def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every BatchNorm non-trivial running statistics and affine parameters (in place)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
+                    m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
+                if m.affine:
+                    m.weight.copy_(torch.randn(m.num_features, generator=g))
+                    m.bias.copy_(torch.randn(m.num_features, generator=g))
+    return model
+
+
+def state_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(before: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    after = model.state_dict()
+    assert set(before) == set(after), "the input model's state_dict keys changed"
+    for k, v in before.items():
+        assert torch.equal(v, after[k]), f"the input model's {k} changed"
+
+
+@dataclass
+class CheckResult:
+    model: torch.nn.Module
+    report: object
+    max_rel: float
+
+
+def check_pass(pass_: str | Pass, model: torch.nn.Module, example_inputs, *, dtype: torch.dtype | None = None,
+               tolerance: float | None = None, refuses: str | None = None, expect_rewrite: bool = True,
+               options: dict | None = None) -> CheckResult:
+    """Assert that a pass keeps `model` equivalent, is idempotent, and never touches its input.
+
+    With `refuses="..."`, assert instead that the pass changed nothing and gave a reason containing it
+    (a near miss left alone). `dtype=torch.float64` checks at the float64 tolerance.
+    """
+    p = get_pass(pass_)
+    if dtype is not None:
+        model = copy.deepcopy(model).to(dtype)
+        example_inputs = _cast_inputs(example_inputs, dtype)
+    before = state_snapshot(model)
+    rewritten, report = apply(model, [p], example_inputs=example_inputs, return_report=True,
+                              options={p.name: options or {}})
+    assert_same_state(before, model)
+    result = report[p.name].result
+    check = verify_torch(model, rewritten, example_inputs, tolerance=tolerance)
+    assert check.ok, f"{p.name} changed the outputs: {check}"
+    if refuses is not None:
+        assert not result.modified, f"{p.name} rewrote a site it should have refused: {result.rewritten}"
+        reasons = [r.reason for r in result.refused]
+        assert any(refuses in r for r in reasons), f"no refusal mentioning {refuses!r}; refusals: {reasons}"
+    elif expect_rewrite:
+        assert result.modified, f"{p.name} rewrote nothing; refusals: {[r.reason for r in result.refused]}"
+    _, again = apply(rewritten, [p], example_inputs=example_inputs, return_report=True, options={p.name: options or {}})
+    assert not again[p.name].result.modified, \
+        f"{p.name} is not idempotent: a second run rewrote {again[p.name].result.rewritten}"
+    return CheckResult(rewritten, report, check.max_rel)
+
+
+def _cast_inputs(inputs, dtype):
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(dtype)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs)
+
+
+# -- hypothesis strategies ---------------------------------------------------------------------
+@dataclass
+class ConvConfig:
+    dims: int
+    in_channels: int
+    out_channels: int
+    kernel: tuple
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    groups: int
+    bias: bool
+    size: int  # spatial size of the input
+
+    def conv(self, transpose: bool = False) -> torch.nn.Module:
+        if transpose:
+            cls = {1: torch.nn.ConvTranspose1d, 2: torch.nn.ConvTranspose2d, 3: torch.nn.ConvTranspose3d}[self.dims]
+            return cls(self.in_channels, self.out_channels, self.kernel, self.stride, self.padding,
+                       groups=self.groups, bias=self.bias, dilation=self.dilation)
+        cls = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d, 3: torch.nn.Conv3d}[self.dims]
+        return cls(self.in_channels, self.out_channels, self.kernel, self.stride, self.padding, self.dilation,
+                   self.groups, self.bias)
+
+    def bn(self, channels: int | None = None) -> torch.nn.Module:
+        cls = {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d, 3: torch.nn.BatchNorm3d}[self.dims]
+        return cls(channels or self.out_channels)
+
+    def example(self, batch: int = 2, seed: int = 0) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(batch, self.in_channels, *([self.size] * self.dims), generator=g)
+
+
+@st.composite
+def conv_configs(draw, dims=st.sampled_from([1, 2, 3]), max_channels_per_group: int = 4, max_groups: int = 3,
+                 max_kernel: int = 5, allow_padding: bool = True) -> ConvConfig:
+    """Random valid conv configurations: kernel sizes, strides, paddings, dilations, groups, bias."""
+    d = draw(dims)
+    groups = draw(st.integers(1, max_groups))
+    in_ch = groups * draw(st.integers(1, max_channels_per_group))
+    out_ch = groups * draw(st.integers(1, max_channels_per_group))
+    kernel = tuple(draw(st.integers(1, max_kernel if d < 3 else 3)) for _ in range(d))
+    stride = tuple(draw(st.integers(1, 2)) for _ in range(d))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(d))
+    padding = tuple(draw(st.integers(0, (k - 1) * dl // 2 + 1)) if allow_padding else 0
+                    for k, dl in zip(kernel, dilation))
+    min_size = max((k - 1) * dl + 1 for k, dl in zip(kernel, dilation))
+    size = draw(st.integers(min_size, min_size + (6 if d < 3 else 2)))
+    return ConvConfig(d, in_ch, out_ch, kernel, stride, padding, dilation, groups, draw(st.booleans()), size)
