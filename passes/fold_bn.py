@@ -20,7 +20,7 @@ def _rebuilt(ctx, conv, x: Value, weight: torch.Tensor, bias: torch.Tensor, like
     """A copy of `conv` (same kind and attributes) with new float64-computed weight and bias."""
     ref = conv.params["weight"]
     return ctx.op(conv.kind, x, params={"weight": ctx.param(weight, ref), "bias": ctx.param(bias, ref)},
-                  like=like, **conv.attrs)
+                  like=like, named_after=conv, **conv.attrs)
 
 
 @rule(conv_bn)

@@ -122,25 +122,17 @@ class RulePass(Pass):
                 touched = _apply_replacements(graph, replacements)
                 refusals.pop((r.name, node.name), None)
                 result.record(r.name, [n.name for n in found.nodes])
-                for new in ctx.created:
-                    _inherit_metadata(new, found.nodes)
                 _erase_dead(graph, found.nodes)
                 touched += [n for n in ctx.created if n.graph is graph]
                 return r.name, touched
         return None
 
 
-def _inherit_metadata(new: Node, matched: list[Node]) -> None:
-    """Shapes of new outputs default to those of the matched root's outputs (same position)."""
-    root = matched[0]
-    for out, old in zip(new.outputs, root.outputs):
-        if out.shape is None and new.name == root.name:
-            out.shape, out.dtype = old.shape, old.dtype
-
-
 def _apply_replacements(graph: Graph, replacements: dict[Value, Value]) -> list[Node]:
     touched: list[Node] = []
     for old, new in replacements.items():
+        if new.shape is None:  # a replacement has the shape of what it replaces
+            new.shape, new.dtype = old.shape, old.dtype
         touched += old.users
         graph.replace_all_uses(old, new)
         if new.producer is not None:

@@ -38,11 +38,15 @@ class Rule:
     def root_kinds(self) -> tuple[str, ...]:
         return self.pattern.kinds
 
-    def __call__(self, ctx: "RewriteContext", bindings: dict[str, Any]):
+    def __post_init__(self):
         params = inspect.signature(self.fn).parameters
-        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        self._accepted = None if takes_all else frozenset(params)
+
+    def __call__(self, ctx: "RewriteContext", bindings: dict[str, Any]):
+        if self._accepted is None:
             return self.fn(ctx, **bindings)
-        return self.fn(ctx, **{k: v for k, v in bindings.items() if k in params})
+        return self.fn(ctx, **{k: v for k, v in bindings.items() if k in self._accepted})
 
 
 def rule(pattern: OpPattern, name: str | None = None, allow_shared: bool = False):
@@ -70,10 +74,15 @@ class RewriteContext:
         return Refusal(reason)
 
     def op(self, kind: str, *inputs: Value, params: dict | None = None, name: str | None = None,
-           like: Value | None = None, num_outputs: int = 1, **attrs) -> Value:
-        """Add a new node and return its (first) output. `like` copies shape and dtype metadata."""
-        node = Node(kind, name or self.root.name, inputs, attrs, params, num_outputs)
-        node.scope = self.root.scope
+           like: Value | None = None, num_outputs: int = 1, named_after: Node | None = None, **attrs) -> Value:
+        """Add a new node and return its (first) output.
+
+        `like` copies shape and dtype metadata; `named_after` names the node (and the module the
+        backend builds for it) after that node instead of the match root.
+        """
+        source = named_after or self.root
+        node = Node(kind, name or source.name, inputs, attrs, params, num_outputs)
+        node.scope = source.scope
         self.graph.append(node)
         self.created.append(node)
         if like is not None:
