@@ -31,7 +31,7 @@ def fold_bn_into_conv(ctx, x, conv, bn):
         return ctx.fail(why)
     scale, shift = bn_affine(bn)
     if scale.numel() != out_channels(conv):
-        return ctx.fail(f"{bn.name} has {scale.numel()} channels, {conv.name} outputs {out_channels(conv)}")
+        return ctx.fail(f"{bn.label} has {scale.numel()} channels, {conv.label} outputs {out_channels(conv)}")
     weight, bias = weight_bias(conv)
     return _rebuilt(ctx, conv, x, scale_output_channels(conv, weight, scale), bias * scale + shift, bn.output)
 
@@ -66,7 +66,7 @@ def fold_bn_before_conv(ctx, x, bn, conv):
                         + ("unknown: pass example_inputs" if bn.output.shape is None else str(_rank(bn.output))))
     if conv.kind == "conv" and conv.attrs.get("padding_mode", "zeros") == "zeros" and has_padding(conv) \
             and bool(shift.abs().max() > 0):
-        return ctx.fail(f"{conv.name} zero-pads its input, so the border would see {bn.name}'s shift; "
+        return ctx.fail(f"{conv.label} zero-pads its input, so the border would see {bn.label}'s shift; "
                         "folding is exact only without padding or with a zero shift")
     weight, bias = weight_bias(conv)
     new_bias = bias + input_shift_to_bias(conv, weight, shift)
@@ -104,7 +104,7 @@ def fold_scale_into_conv(ctx, x, conv, factor, mul):
     """conv * per-channel constant becomes one conv."""
     scale = _channel_vector(conv, conv.output, factor)
     if scale is None:
-        return ctx.fail(f"the factor of shape {tuple(factor.shape)} does not act per output channel of {conv.name}")
+        return ctx.fail(f"the factor of shape {tuple(factor.shape)} does not act per output channel of {conv.label}")
     weight, bias = weight_bias(conv)
     return _rebuilt(ctx, conv, x, scale_output_channels(conv, weight, scale), bias * scale, mul.output)
 
@@ -114,7 +114,7 @@ def fold_shift_into_conv(ctx, x, conv, shift, add):
     """conv + per-channel constant becomes one conv with that bias."""
     vector = _channel_vector(conv, conv.output, shift)
     if vector is None:
-        return ctx.fail(f"the constant of shape {tuple(shift.shape)} does not act per output channel of {conv.name}")
+        return ctx.fail(f"the constant of shape {tuple(shift.shape)} does not act per output channel of {conv.label}")
     weight, bias = weight_bias(conv)
     return _rebuilt(ctx, conv, x, weight, bias + vector, add.output)
 

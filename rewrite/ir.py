@@ -85,6 +85,11 @@ class Node:
     def output(self) -> Value:
         return self.outputs[0]
 
+    @property
+    def label(self) -> str:
+        """How reports name this node: its module path when it came from one, else its graph name."""
+        return self.scope or self.name
+
     def add_input(self, value: Value) -> None:
         value.uses.append((self, len(self.inputs)))
         self.inputs.append(value)

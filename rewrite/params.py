@@ -34,9 +34,9 @@ def bn_affine(bn: Node) -> tuple[torch.Tensor, torch.Tensor]:
 def bn_refusal(bn: Node) -> str | None:
     """Why a batch_norm has no fixed affine, or None when it does."""
     if bn.attrs.get("training"):
-        return f"{bn.name} uses batch statistics (training mode or track_running_stats=False); call model.eval() first"
+        return f"{bn.label} uses batch statistics (training mode or track_running_stats=False); call model.eval() first"
     if bn.params.get("running_mean") is None or bn.params.get("running_var") is None:
-        return f"{bn.name} has no running statistics"
+        return f"{bn.label} has no running statistics"
     return None
 
 

@@ -89,7 +89,7 @@ class RulePass(Pass):
             if fired is None:
                 continue
             rule_name, touched = fired
-            recent.append(f"{rule_name}@{node.name}")
+            recent.append(f"{rule_name}@{node.label}")
             if sum(result.counts.values()) > budget:
                 raise PassError(f"no fixpoint after {budget} rewrites; last rules fired: {', '.join(recent)}",
                                 where=f"pass {self.name}")
@@ -109,19 +109,20 @@ class RulePass(Pass):
                 if found.shared_with and not r.allow_shared:
                     reason = (f"an intermediate value of the match is also read by {', '.join(found.shared_with[:3])}; "
                               "rewriting would change that reader's input")
-                    refusals[(r.name, node.name)] = (Refused(r.name, node.name, reason), list(found.nodes))
+                    refusals[(r.name, node.name)] = (Refused(r.name, node.label, reason), list(found.nodes))
                     continue
                 ctx = RewriteContext(graph, node, options)
                 outcome = r(ctx, found.bindings)
                 if outcome is None or isinstance(outcome, Refusal):
                     _discard(graph, ctx.created)
                     if isinstance(outcome, Refusal):
-                        refusals[(r.name, node.name)] = (Refused(r.name, node.name, outcome.reason), list(found.nodes))
+                        refusals[(r.name, node.name)] = (Refused(r.name, node.label, outcome.reason),
+                                                          list(found.nodes))
                     continue
                 replacements = outcome if isinstance(outcome, dict) else {node.output: outcome}
                 touched = _apply_replacements(graph, replacements)
                 refusals.pop((r.name, node.name), None)
-                result.record(r.name, [n.name for n in found.nodes])
+                result.record(r.name, [n.label for n in found.nodes])
                 _erase_dead(graph, found.nodes)
                 touched += [n for n in ctx.created if n.graph is graph]
                 return r.name, touched

@@ -99,7 +99,15 @@ class FxEmitter:
         self.staging = _Staging(self.root, copy_originals)
         self.fx_graph = fx.Graph()
         self.env: dict[int, fx.Node] = {}
+        self.lazy: dict[int, Node] = {}
         self.attr_nodes: dict[str, fx.Node] = {}
+
+    def fx_value(self, value: Value) -> fx.Node:
+        key = id(value)
+        if key not in self.env:
+            node = self.lazy.pop(key)
+            self.env[key] = _emit_constant(self, node, [])
+        return self.env[key]
 
     def run(self) -> fx.GraphModule:
         graph = self.graph
@@ -110,6 +118,9 @@ class FxEmitter:
         for value, (target, default) in zip(graph.inputs, graph.meta["fx_placeholders"]):
             self.env[id(value)] = self.fx_graph.placeholder(target, default_value=default)
         for node in graph.nodes:
+            if node.kind == "constant" and node.origin is None:
+                self.lazy[id(node.output)] = node  # emitted on first use: an origin may hold it as a literal
+                continue
             if isinstance(node.origin, FxOrigin):
                 out = self._emit_origin(node)
             else:
@@ -121,7 +132,7 @@ class FxEmitter:
                     self.env[id(value)] = self.fx_graph.call_function(operator.getitem, (out, i))
         template = graph.meta["fx_output"]
         self.fx_graph.output(fx.node.map_aggregate(
-            template, lambda a: self.env[id(graph.outputs[a.index])] if isinstance(a, In) else a))
+            template, lambda a: self.fx_value(graph.outputs[a.index]) if isinstance(a, In) else a))
         gm = fx.GraphModule(self.staging.tree, self.fx_graph, class_name=type(self.root).__name__)
         gm.training = self.root.training
         return gm
@@ -132,7 +143,7 @@ class FxEmitter:
 
         def resolve(a):
             if isinstance(a, In):
-                return self.env[id(node.inputs[a.index])]
+                return self.fx_value(node.inputs[a.index])
             if isinstance(a, Attr):
                 return self._get_attr(a.target)
             return a
@@ -156,7 +167,7 @@ class FxEmitter:
         emitter = _EMITTERS.get(node.kind)
         if emitter is None:
             raise RewriteError(f"cannot write a new '{node.kind}' node back to torch.fx", where=f"node {node.name}")
-        inputs = [self.env[id(v)] for v in node.inputs]
+        inputs = [self.fx_value(v) for v in node.inputs]
         return emitter(self, node, inputs)
 
     def new_module(self, node: Node, module: nn.Module) -> str:
