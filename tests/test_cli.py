@@ -1,0 +1,77 @@
+"""The `rewrite` command: output files, exit codes, and nothing half-written."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rewrite import P, rule
+from rewrite.cli import main
+from rewrite.demo import default_model
+from rewrite.pass_manager import RulePass, register_pass, _REGISTRY
+
+
+def test_apply_writes_a_loadable_equivalent_model(tmp_path, capsys):
+    out = tmp_path / "demo.pt"
+    code = main(["apply", "rewrite.demo:default_model", "--passes", "fold_bn,cleanup", "-o", str(out), "--verify",
+                 "--input-shape", "2,3,32,32", "--report-json", str(tmp_path / "report.json")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "fold_bn_into_conv" in printed and "verified: ok" in printed
+    fused = torch.load(out, weights_only=False)
+    x = torch.randn(2, 3, 32, 32)
+    ref = default_model()(x)
+    assert (fused(x) - ref).abs().max() / ref.abs().max() <= 1e-5
+    assert "fold_bn" in (tmp_path / "report.json").read_text()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".rewrite-")] == []
+
+
+def test_saved_model_can_be_rewritten_again(tmp_path):
+    first = tmp_path / "a.pt"
+    assert main(["apply", "rewrite.demo:default_model", "-o", str(first)]) == 0
+    assert main(["apply", str(first), "--passes", "cleanup", "-o", str(tmp_path / "b.pt")]) == 0
+    assert (tmp_path / "b.pt").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["apply", "no_such_package.models:net"],
+    ["apply", "rewrite.demo:default_model", "--passes", "no_such_pass"],
+    ["apply", "/nonexistent/model.pt"],
+    ["apply", "rewrite.demo:default_model", "--input-shape", "1,x,3"],
+])
+def test_bad_input_exits_2_with_a_message(argv, capsys):
+    assert main(argv) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_not_a_model_file_exits_2(tmp_path, capsys):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a pickle")
+    assert main(["apply", str(junk)]) == 2
+    assert "junk.pt" in capsys.readouterr().err
+
+
+@rule(P.op("relu", P.any("x")))
+def forget_relu(ctx, x):
+    """A deliberately wrong rule, to see verification fail."""
+    return x
+
+
+def test_failed_verification_exits_3_and_writes_nothing(tmp_path, capsys):
+    register_pass(RulePass("forget_relu", [forget_relu], "wrong on purpose"))
+    try:
+        out = tmp_path / "never.pt"
+        assert main(["apply", "rewrite.demo:default_model", "--passes", "forget_relu", "-o", str(out), "--verify",
+                     "--input-shape", "1,3,32,32"]) == 3
+        assert not out.exists() and list(tmp_path.iterdir()) == []
+        assert "pass forget_relu" in capsys.readouterr().err
+    finally:
+        _REGISTRY.pop("forget_relu")
+
+
+def test_console_script_lists_passes():
+    exe = os.path.join(os.path.dirname(sys.executable), "rewrite")
+    done = subprocess.run([exe, "passes"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    assert "fold_bn" in done.stdout and "cleanup" in done.stdout
