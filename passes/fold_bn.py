@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from rewrite.ir import Value
-from rewrite.params import (bn_affine, bn_refusal, f64, has_padding, input_shift_to_bias, out_channels,
-                            scale_input_channels, scale_output_channels, weight_bias)
+from rewrite.params import (bias_f64, bn_affine, bn_refusal, f64, has_padding, input_shift_to_bias, out_channels,
+                            scale_input_channels, scaled_weight, weight_bias)
 from rewrite.pass_manager import RulePass, register_pass
 from rewrite.rule import rule
 from rewrite.patterns import bn_conv, conv_bn, conv_scale, conv_shift, linear_bn
@@ -32,8 +32,8 @@ def fold_bn_into_conv(ctx, x, conv, bn):
     scale, shift = bn_affine(bn)
     if scale.numel() != out_channels(conv):
         return ctx.fail(f"{bn.label} has {scale.numel()} channels, {conv.label} outputs {out_channels(conv)}")
-    weight, bias = weight_bias(conv)
-    return _rebuilt(ctx, conv, x, scale_output_channels(conv, weight, scale), bias * scale + shift, bn.output)
+    bias = bias_f64(conv)
+    return _rebuilt(ctx, conv, x, scaled_weight(conv, scale), bias * scale + shift, bn.output)
 
 
 def _rank(value: Value) -> int | None:
@@ -50,8 +50,8 @@ def fold_bn_into_linear(ctx, x, linear, bn):
         return ctx.fail("batch_norm after linear folds only on 2-D (N, C) activations; the rank is "
                         + ("unknown: pass example_inputs" if linear.output.shape is None else str(_rank(linear.output))))
     scale, shift = bn_affine(bn)
-    weight, bias = weight_bias(linear)
-    return _rebuilt(ctx, linear, x, scale_output_channels(linear, weight, scale), bias * scale + shift, bn.output)
+    bias = bias_f64(linear)
+    return _rebuilt(ctx, linear, x, scaled_weight(linear, scale), bias * scale + shift, bn.output)
 
 
 @rule(bn_conv)
@@ -105,8 +105,8 @@ def fold_scale_into_conv(ctx, x, conv, factor, mul):
     scale = _channel_vector(conv, conv.output, factor)
     if scale is None:
         return ctx.fail(f"the factor of shape {tuple(factor.shape)} does not act per output channel of {conv.label}")
-    weight, bias = weight_bias(conv)
-    return _rebuilt(ctx, conv, x, scale_output_channels(conv, weight, scale), bias * scale, mul.output)
+    bias = bias_f64(conv)
+    return _rebuilt(ctx, conv, x, scaled_weight(conv, scale), bias * scale, mul.output)
 
 
 @rule(conv_shift)

@@ -205,13 +205,19 @@ def _emit_conv(e: FxEmitter, node: Node, inputs):
         x = e.call(F.pad, x, _torch_pad(pads), mode="constant" if mode == "zeros" else mode)
         pads, mode = ((0, 0),) * dims, "zeros"
     groups = a["groups"]
-    conv = _CONV_CLASSES[dims](weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride=a["stride"],
+    # Built with one channel per group so its throw-away initialisation is cheap, then given the real ones.
+    conv = _CONV_CLASSES[dims](groups, groups, tuple(weight.shape[2:]), stride=a["stride"],
                                padding=tuple(p[0] for p in pads), dilation=a["dilation"], groups=groups,
-                               bias=bias is not None, padding_mode=mode, device="meta")
-    conv.weight = nn.Parameter(weight.detach())
-    if bias is not None:
-        conv.bias = nn.Parameter(bias.detach())
+                               bias=bias is not None, padding_mode=mode)
+    conv.in_channels, conv.out_channels = weight.shape[1] * groups, weight.shape[0]
+    _set_weights(conv, weight, bias)
     return e.fx_graph.call_module(e.new_module(node, conv), (x,))
+
+
+def _set_weights(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    module.weight = nn.Parameter(weight.detach(), requires_grad=weight.requires_grad or weight.is_floating_point())
+    if bias is not None:
+        module.bias = nn.Parameter(bias.detach(), requires_grad=bias.requires_grad or bias.is_floating_point())
 
 
 def _emit_conv_transpose(e: FxEmitter, node: Node, inputs):
@@ -221,22 +227,20 @@ def _emit_conv_transpose(e: FxEmitter, node: Node, inputs):
     if not _symmetric(a["padding"]):
         raise RewriteError("asymmetric conv_transpose padding has no torch module form", where=f"node {node.name}")
     groups = a["groups"]
-    conv = _CONV_T_CLASSES[dims](weight.shape[0], weight.shape[1] * groups, tuple(weight.shape[2:]),
+    conv = _CONV_T_CLASSES[dims](groups, groups, tuple(weight.shape[2:]),
                                  stride=a["stride"], padding=tuple(p[0] for p in a["padding"]),
                                  output_padding=a["output_padding"], groups=groups, bias=bias is not None,
-                                 dilation=a["dilation"], device="meta")
-    conv.weight = nn.Parameter(weight.detach())
-    if bias is not None:
-        conv.bias = nn.Parameter(bias.detach())
+                                 dilation=a["dilation"])
+    conv.in_channels, conv.out_channels = weight.shape[0], weight.shape[1] * groups
+    _set_weights(conv, weight, bias)
     return e.fx_graph.call_module(e.new_module(node, conv), (inputs[0],))
 
 
 def _emit_linear(e: FxEmitter, node: Node, inputs):
     weight, bias = node.params["weight"], node.params.get("bias")
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    linear.weight = nn.Parameter(weight.detach())
-    if bias is not None:
-        linear.bias = nn.Parameter(bias.detach())
+    linear = nn.Linear(1, 1, bias=bias is not None)  # cheap throw-away initialisation, then the real weights
+    linear.in_features, linear.out_features = weight.shape[1], weight.shape[0]
+    _set_weights(linear, weight, bias)
     return e.fx_graph.call_module(e.new_module(node, linear), (inputs[0],))
 
 

@@ -1,0 +1,31 @@
+"""Shared benchmark helpers: best-of-N timing, relative error, and random models with real BN statistics."""
+from __future__ import annotations
+
+import gc
+import time
+from typing import Callable
+
+import torch
+
+
+def best_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
+    """The best wall time of `repeat` calls (the least disturbed by other work on the machine)."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(repeat):
+        gc.collect()
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def relative_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
+    ref, cand = reference.detach().double(), candidate.detach().double()
+    return float((ref - cand).abs().max() / ref.abs().max())
+
+
+def latency(model: torch.nn.Module, x: torch.Tensor, repeat: int = 10) -> float:
+    with torch.no_grad():
+        return best_time(lambda: model(x), repeat=repeat, warmup=2)
