@@ -1,0 +1,306 @@
+"""Recognize a residual site: add(S(x), F(x)) with S a linear 1x1 shortcut and F a conv chain.
+
+The block input x is the nearest common ancestor of the add's two operands. Each operand must
+reach x through a simple chain (single-input ops whose intermediate values nobody else reads).
+The shortcut chain may hold only identities, eval dropouts, batch_norms and unpadded 1x1 convs;
+it is collapsed into one float64 affine map per pixel. The main chain may hold convs (each with
+the batch_norms right after it folded in), ReLU-family activations, identities and eval dropouts.
+Anything else is a refusal whose reason names the node that stopped us.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from rewrite.ir import Graph, Node, Value
+from rewrite.params import bn_affine, bn_refusal, has_padding, weight_bias
+
+SKIPPED = ("identity", "dropout")  # the identity in inference mode
+ACTIVATIONS = ("relu", "clamp")
+ANCESTOR_SEARCH_LIMIT = 64  # values visited backwards from each operand when looking for x
+
+
+class SiteRefusal(Exception):
+    """The add is a residual site, but it cannot be converted exactly; the message says why.
+
+    `depth` says how far the recognition got (0: shortcut, 1: main path, 2: both recognized), so
+    of the two operand orders the more informative reason is reported.
+    """
+
+    def __init__(self, reason: str, depth: int = 0):
+        super().__init__(reason)
+        self.reason = reason
+        self.depth = depth
+        self.shortcut_length = 0
+
+
+@dataclass
+class Stage:
+    """A conv of the main path with the batch_norms that directly follow it, folded (float64)."""
+
+    conv: Node
+    bns: list[Node]
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+    @property
+    def output(self) -> Value:
+        return (self.bns[-1] if self.bns else self.conv).output
+
+    @property
+    def groups(self) -> int:
+        return self.conv.attrs["groups"]
+
+
+@dataclass
+class Activation:
+    node: Node
+
+
+@dataclass
+class Shortcut:
+    """S(x)[i] = matrix @ x[stride * i] + bias, per pixel, in float64."""
+
+    nodes: list[Node]
+    matrix: torch.Tensor  # (out_channels, in_channels)
+    bias: torch.Tensor
+    stride: tuple[int, ...]
+
+
+@dataclass
+class ResidualSite:
+    add: Node
+    x: Value
+    main: list[Stage | Activation]
+    shortcut: Shortcut
+    main_nodes: list[Node] = field(default_factory=list)
+
+    @property
+    def stages(self) -> list[Stage]:
+        return [item for item in self.main if isinstance(item, Stage)]
+
+    @property
+    def activations(self) -> list[Node]:
+        return [item.node for item in self.main if isinstance(item, Activation)]
+
+
+def _describe(node: Node) -> str:
+    if node.kind == "opaque":
+        target = node.attrs.get("target", node.attrs.get("op_type", "?"))
+        label = getattr(target, "__name__", str(target))
+        return f"{node.name} ({label})"
+    return f"{node.name} ({node.kind})"
+
+
+# -- finding x ---------------------------------------------------------------------------------
+def _ancestor_distances(value: Value) -> dict[int, tuple[int, Value]]:
+    """Values reachable backwards from `value` (itself included), with their hop counts."""
+    seen = {id(value): (0, value)}
+    queue = deque([value])
+    while queue and len(seen) < ANCESTOR_SEARCH_LIMIT:
+        v = queue.popleft()
+        if v.producer is None:
+            continue
+        for parent in v.producer.inputs:
+            if id(parent) not in seen and not (parent.producer is not None and parent.producer.kind == "constant"):
+                seen[id(parent)] = (seen[id(v)][0] + 1, parent)
+                queue.append(parent)
+    return seen
+
+
+def block_input(add: Node) -> Value | None:
+    """The nearest common ancestor of the add's two operands, or None when they share none nearby."""
+    a, b = add.inputs
+    da, db = _ancestor_distances(a), _ancestor_distances(b)
+    common = [(da[k][0] + db[k][0], da[k][1]) for k in da.keys() & db.keys()]
+    if not common:
+        return None
+    return min(common, key=lambda item: item[0])[1]
+
+
+def chain_to(graph: Graph, operand: Value, x: Value) -> tuple[list[Node], str | None]:
+    """The ops from x to `operand` in order, or what stops them from being a simple chain."""
+    nodes: list[Node] = []
+    v = operand
+    while v is not x:
+        producer = v.producer
+        if producer is None:
+            return nodes[::-1], f"{v.name} is a graph input, not computed from {x.name}"
+        if len(producer.inputs) != 1:
+            return nodes[::-1], (f"{_describe(producer)} has {len(producer.inputs)} inputs: the path has a branch "
+                                 "of its own (a gate or a nested block)")
+        if v is not operand and graph.external_uses(v) != 1:
+            readers = [n.name for n in v.users if n is not nodes[-1]] or ["<graph output>"]
+            return nodes[::-1], f"{v.name} is also read by {', '.join(readers[:3])}: the path has a branch of its own"
+        nodes.append(producer)
+        v = producer.inputs[0]
+    return nodes[::-1], None
+
+
+# -- the shortcut -----------------------------------------------------------------------------
+def collapse_shortcut(nodes: list[Node], channels: int, spatial_dims: int) -> Shortcut:
+    """The shortcut chain as one affine map per pixel; raises SiteRefusal if it is not one."""
+    matrix = torch.eye(channels, dtype=torch.float64)
+    bias = torch.zeros(channels, dtype=torch.float64)
+    stride = [1] * spatial_dims
+    for node in nodes:
+        if node.kind in SKIPPED:
+            if node.attrs.get("training"):
+                raise SiteRefusal(f"the shortcut's {node.name} is a dropout in training mode")
+            continue
+        if node.kind == "batch_norm":
+            why = bn_refusal(node)
+            if why:
+                raise SiteRefusal(why)
+            scale, shift = bn_affine(node)
+            if scale.numel() != matrix.shape[0]:
+                raise SiteRefusal(f"the shortcut's {node.name} has {scale.numel()} channels, its input {matrix.shape[0]}")
+            matrix, bias = scale[:, None] * matrix, scale * bias + shift
+            continue
+        if node.kind == "conv":
+            weight, conv_bias = weight_bias(node)
+            if any(k != 1 for k in weight.shape[2:]) or has_padding(node):
+                raise SiteRefusal(f"the shortcut conv {node.name} is not an unpadded 1x1 conv; only those merge "
+                                  "into the main path's last conv")
+            if weight.dim() - 2 != spatial_dims:
+                raise SiteRefusal(f"the shortcut conv {node.name} has {weight.dim() - 2} spatial dims, the main path "
+                                  f"{spatial_dims}")
+            dense = _dense_1x1(weight, node.attrs["groups"])
+            if dense.shape[1] != matrix.shape[0]:
+                raise SiteRefusal(f"the shortcut conv {node.name} reads {dense.shape[1]} channels, "
+                                  f"its input has {matrix.shape[0]}")
+            matrix, bias = dense @ matrix, dense @ bias + conv_bias
+            stride = [s * t for s, t in zip(stride, node.attrs["stride"])]
+            continue
+        raise SiteRefusal(f"the shortcut passes through {_describe(node)}, which is not linear "
+                          "(only identities, batch_norms and 1x1 convs are merged)")
+    return Shortcut(nodes, matrix, bias, tuple(stride))
+
+
+def _dense_1x1(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """A grouped 1x1 conv weight as one block-diagonal (out, in) matrix."""
+    out_channels, in_per_group = weight.shape[0], weight.shape[1]
+    out_per_group = out_channels // groups
+    dense = torch.zeros(out_channels, in_per_group * groups, dtype=torch.float64)
+    w = weight.reshape(out_channels, in_per_group)
+    for g in range(groups):
+        rows = slice(g * out_per_group, (g + 1) * out_per_group)
+        dense[rows, g * in_per_group:(g + 1) * in_per_group] = w[rows]
+    return dense
+
+
+# -- the main path ----------------------------------------------------------------------------
+def parse_main_path(nodes: list[Node]) -> list[Stage | Activation]:
+    """Group the main chain into conv stages and activations; raises SiteRefusal otherwise."""
+    items: list[Stage | Activation] = []
+    for node in nodes:
+        if node.kind in SKIPPED:
+            if node.attrs.get("training"):
+                raise SiteRefusal(f"{node.name} is a dropout in training mode; it is random, not linear")
+            continue
+        if node.kind == "conv":
+            weight, bias = weight_bias(node)
+            items.append(Stage(node, [], weight, bias))
+        elif node.kind == "batch_norm":
+            if not items or not isinstance(items[-1], Stage):
+                where = "starts the main path" if not items else f"follows {items[-1].node.name}"
+                raise SiteRefusal(f"batch_norm {node.name} {where}, not a conv, so it cannot be folded and its shift "
+                                  "would reach the reserved channels (a pre-activation block)")
+            why = bn_refusal(node)
+            if why:
+                raise SiteRefusal(why)
+            stage = items[-1]
+            scale, shift = bn_affine(node)
+            if scale.numel() != stage.weight.shape[0]:
+                raise SiteRefusal(f"{node.name} has {scale.numel()} channels, {stage.conv.name} outputs "
+                                  f"{stage.weight.shape[0]}")
+            stage.weight = stage.weight * scale.reshape(-1, *([1] * (stage.weight.dim() - 1)))
+            stage.bias = stage.bias * scale + shift
+            stage.bns.append(node)
+        elif node.kind in ACTIVATIONS:
+            items.append(Activation(node))
+        elif node.kind == "avg_pool":
+            raise SiteRefusal(f"{node.name} (avg_pool) on the main path would average the reserved channels")
+        elif node.kind == "conv_transpose":
+            raise SiteRefusal(f"{node.name} is a conv_transpose; reserved channels are carried only through convs")
+        else:
+            raise SiteRefusal(f"the main path has {_describe(node)}, which is neither linear nor a ReLU-family "
+                              "activation (ReLU, ReLU6, Hardtanh, clamp)")
+    if not items or not isinstance(items[0], Stage):
+        first = "nothing" if not items else _describe(items[0].node)
+        raise SiteRefusal(f"the main path starts with {first}, not a conv that can reserve channels for x "
+                          "(a pre-activation block)")
+    if not isinstance(items[-1], Stage):
+        raise SiteRefusal(f"the main path ends with the activation {items[-1].node.name}; the shortcut can only be "
+                          "merged into a conv")
+    return items
+
+
+def find_site(graph: Graph, add: Node) -> ResidualSite | None:
+    """The residual site rooted at `add`, None if the add is no residual, SiteRefusal if it cannot convert."""
+    if len(add.inputs) != 2 or add.inputs[0] is add.inputs[1]:
+        return None
+    x = block_input(add)
+    if x is None or (x.producer is not None and x.producer.kind == "constant"):
+        return None
+    reasons: list[tuple[tuple[int, int], str]] = []
+    for main, short in (add.inputs, add.inputs[::-1]):
+        if main is x:
+            continue
+        try:
+            return _site(graph, add, x, main, short)
+        except SiteRefusal as why:
+            # The order that got further is the one the user needs to hear about; on a tie, the one
+            # whose shortcut is shorter is the likelier reading of the block.
+            reasons.append(((why.depth, -why.shortcut_length), why.reason))
+    if not reasons:
+        return None
+    raise SiteRefusal(max(reasons, key=lambda r: r[0])[1])
+
+
+def _is_shortcut_op(node: Node) -> bool:
+    if node.kind in SKIPPED or node.kind == "batch_norm":
+        return True
+    return node.kind == "conv" and all(k == 1 for k in node.params["weight"].shape[2:]) and not has_padding(node)
+
+
+def _site(graph: Graph, add: Node, x: Value, main: Value, short: Value) -> ResidualSite:
+    def refuse(reason: str, depth: int, length: int = 0) -> SiteRefusal:
+        refusal = SiteRefusal(reason, depth)
+        refusal.shortcut_length = length
+        return refusal
+
+    short_nodes, why = chain_to(graph, short, x)
+    if why:
+        raise refuse(f"the shortcut is not a chain from {x.name}: {why}", 0, 1 << 30)
+    n = len(short_nodes)
+    main_nodes, why = chain_to(graph, main, x)
+    if why:
+        raise refuse(f"the main path from {x.name} is not a chain: {why}", 1, n)
+    if graph.external_uses(main) != 1:
+        raise refuse(f"{main.name}, the main path's result, is also read outside the block", 1, n)
+    bad = [node for node in short_nodes if not _is_shortcut_op(node)]
+    if bad:
+        raise refuse(f"the shortcut passes through {_describe(bad[0])}; only a linear shortcut (identities, "
+                     "batch_norms and unpadded 1x1 convs) can be merged", 1, n)
+    try:
+        items = parse_main_path(main_nodes)
+        first = items[0].conv
+        channels = first.params["weight"].shape[1] * first.attrs["groups"]
+    except SiteRefusal as refusal:
+        raise refuse(refusal.reason, 2, n) from None
+    try:
+        shortcut = collapse_shortcut(short_nodes, channels, first.params["weight"].dim() - 2)
+    except SiteRefusal as refusal:
+        raise refuse(refusal.reason, 3, n) from None
+    if x.shape is None or main.shape is None or short.shape is None:
+        raise refuse("the shapes around the add are unknown; pass example_inputs", 3, n)
+    if tuple(main.shape) != tuple(short.shape):
+        raise refuse(f"the add broadcasts ({tuple(main.shape)} + {tuple(short.shape)}); only equal shapes are merged",
+                     3, n)
+    if shortcut.matrix.shape[0] != items[-1].weight.shape[0]:
+        raise refuse(f"the shortcut gives {shortcut.matrix.shape[0]} channels, the main path "
+                     f"{items[-1].weight.shape[0]}", 3, n)
+    return ResidualSite(add, x, items, shortcut, main_nodes)
