@@ -104,7 +104,9 @@ class ConvConfig:
     def conv(self, transpose: bool = False) -> torch.nn.Module:
         if transpose:
             cls = {1: torch.nn.ConvTranspose1d, 2: torch.nn.ConvTranspose2d, 3: torch.nn.ConvTranspose3d}[self.dims]
-            return cls(self.in_channels, self.out_channels, self.kernel, self.stride, self.padding,
+            # A transposed conv crops its output by the padding: keep at least one output pixel.
+            padding = tuple(min(p, d * (k - 1) // 2) for p, d, k in zip(self.padding, self.dilation, self.kernel))
+            return cls(self.in_channels, self.out_channels, self.kernel, self.stride, padding,
                        groups=self.groups, bias=self.bias, dilation=self.dilation)
         cls = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d, 3: torch.nn.Conv3d}[self.dims]
         return cls(self.in_channels, self.out_channels, self.kernel, self.stride, self.padding, self.dilation,
