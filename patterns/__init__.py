@@ -22,3 +22,5 @@ conv_scale = P.mul(P.op(WEIGHTED, P.any("x"), name="conv"), P.const("factor"), n
 conv_shift = P.add(P.op(WEIGHTED, P.any("x"), name="conv"), P.const("shift"), name="add")
 
 __all__ = ["WEIGHTED", "conv_bn", "linear_bn", "bn_conv", "conv_scale", "conv_shift"]
+
+from . import branches  # noqa: E402  (multi-branch patterns: rewrite.patterns.branches)

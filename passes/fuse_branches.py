@@ -1,0 +1,251 @@
+"""fuse_branches: structural re-parameterization (RepVGG, ACNet, DBB, MobileOne, ExpandNets) on any graph.
+
+Three rules, each exact or refused with a reason:
+- fuse_parallel_branches: a sum whose operands are branches of one input (KxK / 1x1 / 1xK convs,
+  the identity, BN-only, avg-pool, each possibly scaled by a constant) becomes one conv.
+- fuse_linear_cascade: a conv (or linear) applied to another conv's (linear's) output becomes one.
+- fuse_concatenated_branches: branches of one input concatenated on channels become one conv.
+
+BatchNorm and constant factors inside branches are folded as the branches are read, and the pass
+also runs fold_bn's conv->BN and linear->BN rules, so `["fuse_branches"]` alone deploys a
+train-form RepVGG or MobileOne; running fold_bn before it is harmless.
+
+Options: allow_costlier (default False). A merge that would need more multiply-adds per output
+position than the branches it replaces (a dense kernel for a depthwise branch, a 5x5 from two
+3x3s in cascade) is refused unless this is set.
+"""
+from __future__ import annotations
+
+import torch
+
+from rewrite.ir import Graph, Node, Value
+from rewrite.pass_manager import RulePass, register_pass
+from rewrite.patterns.branches import concatenated_branches, linear_cascade, parallel_branches
+from rewrite.rule import rule
+
+from .branch_forms import KernelForm, branch_form, compose_forms, node_form, stack_forms, sum_forms
+from .branch_terms import (WEIGHTED, Branch, Layout, Term, classify, expand, find_layout, layout_of, obstacle,
+                           unaliased)
+from .fold_bn import fold_bn_into_conv, fold_bn_into_linear
+
+
+def _rank(value: Value) -> int | None:
+    return None if value.shape is None else len(value.shape)
+
+
+def _emit(ctx, x: Value, form: KernelForm, layout: Layout, main: Node, like: Value | None) -> Value:
+    ref = main.params["weight"]
+    params = {"weight": ctx.param(form.weight, ref), "bias": ctx.param(form.bias, ref)}
+    if layout.family == "linear":
+        return ctx.op("linear", x, params=params, like=like, named_after=main)
+    return ctx.op("conv", x, params=params, like=like, named_after=main, stride=form.stride,
+                  padding=form.padding, dilation=form.dilation, groups=form.groups, padding_mode=form.padding_mode)
+
+
+def _rescaled(ctx, term: Term, layout: Layout, dtype) -> Value:
+    """A term left out of a merge, written back as its leaf times its factor."""
+    if term.scale is None:
+        return term.leaf
+    scale = term.scale
+    if scale.dim() == 1:
+        scale = scale.reshape(-1, *([1] * layout.spatial))
+    return ctx.op("mul", term.leaf, ctx.constant(scale.to(dtype or torch.float32)))
+
+
+def _groups(branches: list[Branch]) -> list[list[Branch]]:
+    by_input: dict[int, list[Branch]] = {}
+    for b in branches:
+        by_input.setdefault(id(b.input), []).append(b)
+    return list(by_input.values())
+
+
+def _merge_group(group: list[Branch], layout: Layout, shifts: list[torch.Tensor], allow: bool) -> KernelForm | str:
+    main = next(b for b in group if b.kind in WEIGHTED)
+    channels = node_form(main.node).in_channels
+    forms = []
+    for b in group:
+        form = branch_form(b, layout, channels)
+        if isinstance(form, str):
+            return form
+        forms.append(form)
+    fused = sum_forms(forms, allow) if len(forms) > 1 else forms[0]
+    if isinstance(fused, str) or not shifts:
+        return fused
+    shift = sum(shifts)
+    if shift.numel() not in (1, fused.out_channels):
+        return f"a shift of {shift.numel()} values does not match the {fused.out_channels} channels of {fused.source}"
+    fused.bias = fused.bias + shift
+    return fused
+
+
+def _feeds_a_sum(graph: Graph, add: Node) -> bool:
+    """The outermost add of a nested sum does the work, so inner ones wait for it."""
+    value = add.output
+    while graph.external_uses(value) == 1:
+        reader = value.users[0]
+        if reader.kind == "add":
+            return True
+        if reader.kind != "identity" and not (reader.kind == "dropout" and not reader.attrs.get("training")):
+            return False
+        value = reader.output
+    return False
+
+
+def _obstacles(graph: Graph, branches: list[Branch], bases: set[int]) -> list[str]:
+    reasons = []
+    for b in branches:
+        if b.kind != "identity":
+            continue
+        node = b.term.leaf.producer
+        if node is not None and node.kind == "mul" and len(node.inputs) == 2 and not any(
+                i.producer is not None and i.producer.kind == "constant" for i in node.inputs):
+            # A factor computed from the same input as the branch it scales: input-dependent weights.
+            bases = bases | {id(unaliased(v)) for i in node.inputs if i.producer is not None
+                             for v in i.producer.inputs}
+        why = obstacle(graph, b.term.leaf, bases)
+        if why and why not in reasons:
+            reasons.append(why)
+    return reasons
+
+
+@rule(parallel_branches)
+def fuse_parallel_branches(ctx, add):
+    """Parallel branches of one input added together become one conv."""
+    graph = ctx.graph
+    if _feeds_a_sum(graph, add):
+        return None
+    found = find_layout(add.output)
+    if found is None:
+        return None
+    layout, dtype = found
+    expansion = expand(graph, add.output, layout, dtype)
+    branches = [classify(graph, t) for t in expansion.terms]
+    groups = _groups(branches)
+    mergeable = [g for g in groups if len(g) > 1 and any(b.kind in WEIGHTED for b in g)]
+    if not mergeable and expansion.shifts:
+        # A lone branch plus constant shifts (MobileOne's `0 + conv(x)`): the shifts become its bias.
+        mergeable = [g for g in groups if len(g) == 1 and g[0].kind in WEIGHTED][:1]
+    operands, reasons, merged, shifts = [], [], 0, expansion.shifts
+    for group in groups:
+        fused = _merge_group(group, layout, shifts, ctx.options.get("allow_costlier", False)) \
+            if any(group is g for g in mergeable) else None
+        if isinstance(fused, KernelForm):
+            main = next(b for b in group if b.kind in WEIGHTED)
+            like = add.output if len(groups) == 1 and not expansion.loose else main.node.output
+            operands.append(_emit(ctx, main.input, fused, layout, main.node, like))
+            merged += 1
+            shifts = []
+            continue
+        if isinstance(fused, str):
+            reasons.append(fused)
+        operands += [_rescaled(ctx, b.term, layout, dtype) for b in group]
+    if not merged:
+        weighted_inputs = {id(b.input) for b in branches if b.kind in WEIGHTED}
+        reasons += _obstacles(graph, branches, weighted_inputs)
+        return ctx.fail("; ".join(reasons)) if reasons else None
+    operands += expansion.loose
+    if len(operands) == 1:
+        return operands[0]
+    return ctx.op("add", *operands, like=add.output)
+
+
+@rule(linear_cascade)
+def fuse_linear_cascade(ctx, x, second):
+    """A conv (linear) applied to another conv's (linear's) output becomes one conv (linear)."""
+    graph = ctx.graph
+    layout = layout_of(second, _rank(x))
+    dtype = second.params["weight"].dtype
+    expansion = expand(graph, x, layout, dtype, through_adds=False, top=False)
+    if len(expansion.terms) != 1 or expansion.loose:
+        return None
+    branch = classify(graph, expansion.terms[0])
+    leaf = expansion.terms[0].leaf.producer
+    if branch.kind == "identity":
+        if leaf is not None and leaf.kind in WEIGHTED and leaf.kind == second.kind:
+            readers = [u.label for u in leaf.output.users if u is not second][:3]
+            return ctx.fail(f"{leaf.label}'s output is also read by {', '.join(readers) or '<graph output>'}; "
+                            "merging it into the next layer would leave that reader without it")
+        return None
+    if branch.kind != second.kind:
+        return None  # avg_pool -> conv, or linear -> conv: not a cascade of one kind
+    first = branch_form(branch, layout, node_form(branch.node).in_channels)
+    if isinstance(first, str):
+        return ctx.fail(first)
+    if expansion.shifts:
+        first.bias = first.bias + sum(expansion.shifts)
+    fused = compose_forms(first, node_form(second), ctx.options.get("allow_costlier", False))
+    if isinstance(fused, str):
+        return ctx.fail(fused)
+    return _emit(ctx, branch.input, fused, layout, second, second.output)
+
+
+def _channel_axis(concat: Node, layout: Layout) -> bool:
+    """Whether the concatenation runs along the channel axis."""
+    dim, rank = concat.attrs["dim"], _rank(concat.output)
+    if dim < 0:
+        return dim == (-1 if layout.family == "linear" else -(layout.spatial + 1))
+    if rank is None:
+        return False  # a positive axis names channels only for a known rank
+    return dim == (rank - 1 if layout.family == "linear" else rank - layout.spatial - 1)
+
+
+@rule(concatenated_branches)
+def fuse_concatenated_branches(ctx, concat):
+    """Branches of one input concatenated on channels become one conv with stacked weights."""
+    graph = ctx.graph
+    found = find_layout(concat.inputs[0]) if concat.inputs else None
+    if found is None:
+        return None
+    layout, dtype = found
+    layout = Layout(layout.family, layout.spatial, _rank(concat.output))
+    if not _channel_axis(concat, layout):
+        return None if concat.output.shape is not None or concat.attrs["dim"] < 0 else \
+            ctx.fail("the concatenation axis is positive and the rank unknown: pass example_inputs")
+    parts: list[tuple[Value, Branch | None, list]] = []
+    for operand in concat.inputs:
+        expansion = expand(graph, operand, layout, dtype, through_adds=False, top=False)
+        single = len(expansion.terms) == 1 and not expansion.loose
+        parts.append((operand, classify(graph, expansion.terms[0]) if single else None, expansion.shifts))
+    runs: list[list] = []
+    for part in parts:
+        if runs and part[1] is not None and runs[-1][-1][1] is not None and part[1].input is runs[-1][-1][1].input:
+            runs[-1].append(part)
+        else:
+            runs.append([part])
+    operands, reasons, merged = [], [], 0
+    for run in runs:
+        weighted = [p[1] for p in run if p[1].kind in WEIGHTED] if run[0][1] is not None else []
+        fused = _stack_run(run, layout, weighted, ctx.options.get("allow_costlier", False)) \
+            if len(run) > 1 and weighted else None
+        if isinstance(fused, KernelForm):
+            operands.append(_emit(ctx, run[0][1].input, fused, layout, weighted[0].node, None))
+            merged += 1
+            continue
+        if isinstance(fused, str):
+            reasons.append(fused)
+        operands += [p[0] for p in run]
+    if not merged:
+        return ctx.fail("; ".join(reasons)) if reasons else None
+    if len(operands) == 1:
+        return operands[0]
+    return ctx.op("concat", *operands, like=concat.output, dim=concat.attrs["dim"])
+
+
+def _stack_run(run, layout: Layout, weighted: list[Branch], allow: bool) -> KernelForm | str:
+    channels = node_form(weighted[0].node).in_channels
+    forms = []
+    for _, branch, shifts in run:
+        form = branch_form(branch, layout, channels)
+        if isinstance(form, str):
+            return form
+        if shifts:
+            form.bias = form.bias + sum(shifts)
+        forms.append(form)
+    return stack_forms(forms, allow)
+
+
+fuse_branches = register_pass(RulePass(
+    "fuse_branches",
+    [fuse_parallel_branches, fuse_concatenated_branches, fuse_linear_cascade, fold_bn_into_conv, fold_bn_into_linear],
+    "merge parallel, concatenated and cascaded linear branches (RepVGG, ACNet, DBB, MobileOne) into one conv",
+))
