@@ -1,0 +1,113 @@
+"""The ONNX frontend: ModelProto (or a .onnx path) <-> IR, through onnx-graphsurgeon; checks in onnxruntime."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import onnx
+
+from ..errors import ModelLoadError
+from ..ir import Graph
+from . import Frontend
+from .onnx_export import emit_model
+from .onnx_import import OnnxImporter
+from .onnx_io import PROTOBUF_LIMIT, check_onnx, describe, load_onnx, save_onnx
+from .onnx_verify import SYMBOLIC_DIM, random_inputs, verify_onnx
+
+__all__ = ["OnnxFrontend", "load_onnx", "save_onnx", "import_onnx", "export_onnx", "verify_onnx", "random_inputs"]
+
+
+def _inferred(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A shape-inferred copy (the input is left alone); the model itself when it is too big to infer in memory."""
+    if model.ByteSize() >= PROTOBUF_LIMIT:
+        return model
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # inference is a help for shapes, not a requirement
+        return model
+
+
+def _concrete_sizes(model: onnx.ModelProto, example_inputs) -> dict[tuple[str, int], int]:
+    """Sizes for the symbolic dims of graph inputs: from example inputs, else SYMBOLIC_DIM for a leading (batch) dim."""
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    examples: dict[str, Any] = {}
+    if isinstance(example_inputs, dict):
+        examples = dict(example_inputs)
+    elif example_inputs is not None:
+        items = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        examples = {i.name: t for i, t in zip(inputs, items)}
+    sizes = {}
+    for value in inputs:
+        example = examples.get(value.name)
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if dim.HasField("dim_value"):
+                continue
+            if example is not None and hasattr(example, "shape") and axis < len(example.shape):
+                sizes[(value.name, axis)] = int(example.shape[axis])
+            elif axis == 0:
+                sizes[(value.name, axis)] = SYMBOLIC_DIM
+    return sizes
+
+
+def _concretize_shapes(graph: Graph, model: onnx.ModelProto, example_inputs) -> None:
+    """Value shapes for the passes: concrete ints (like the torch frontend's) or None.
+
+    The importer decides on the symbolic shapes; passes see the shapes of one concrete run
+    (symbolic dims fixed from example inputs, or a batch of SYMBOLIC_DIM). A value whose shape
+    still depends on an unfixed symbol gets None, so passes refuse rather than guess.
+    """
+    sizes = _concrete_sizes(model, example_inputs)
+    if sizes and model.ByteSize() < PROTOBUF_LIMIT:
+        fixed = onnx.ModelProto()
+        fixed.CopyFrom(model)
+        for value in fixed.graph.input:
+            for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+                if (value.name, axis) in sizes:
+                    dim.Clear()
+                    dim.dim_value = sizes[(value.name, axis)]
+        inferred = _inferred(fixed).graph
+        known = {}
+        for info in list(inferred.input) + list(inferred.value_info) + list(inferred.output):
+            dims = info.type.tensor_type.shape.dim
+            if info.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
+                known[info.name] = tuple(d.dim_value for d in dims)
+    else:
+        known = {}
+    values = list(graph.inputs) + [v for node in graph.nodes if node.kind != "constant" for v in node.outputs]
+    for value in values:
+        if value.shape is not None and all(isinstance(d, int) for d in value.shape):
+            continue
+        value.shape = known.get(value.name)
+
+
+def import_onnx(model_or_path: Any, example_inputs=None) -> Graph:
+    """Load (and check) an ONNX model or path and build its IR. The input model is never changed."""
+    if isinstance(model_or_path, (str, os.PathLike)):
+        model = load_onnx(model_or_path)
+    elif isinstance(model_or_path, onnx.ModelProto):
+        model = model_or_path
+        check_onnx(model)
+    else:
+        raise ModelLoadError(f"expected an onnx.ModelProto or a .onnx path, got {type(model_or_path).__name__}")
+    graph = OnnxImporter(model, _inferred(model), describe(model_or_path)).run()
+    _concretize_shapes(graph, model, example_inputs)
+    return graph
+
+
+def export_onnx(graph: Graph) -> onnx.ModelProto:
+    """The IR written back as a ModelProto; untouched nodes exactly as they came."""
+    return emit_model(graph)
+
+
+class OnnxFrontend(Frontend):
+    name = "onnx"
+
+    def load(self, model_or_path, example_inputs=None, **_):
+        return import_onnx(model_or_path, example_inputs)
+
+    def export(self, graph, copy_originals=True):
+        return export_onnx(graph)  # always a new ModelProto; nothing is shared with the input
+
+    def verify(self, original, rewritten, example_inputs=None, dtype=None, tolerance=None, **options):
+        return verify_onnx(original, rewritten, example_inputs, dtype=dtype, tolerance=tolerance, **options)

@@ -1,0 +1,601 @@
+"""ONNX (through onnx-graphsurgeon) -> IR.
+
+Standard ops are mapped to canonical kinds only where the mapping is exact; anything else
+becomes an `opaque` node. Every IR node keeps an `OnnxOrigin`: the original NodeProto and how
+its input slots map to IR inputs or to the original constant tensors, plus a snapshot of its
+kind, attributes and parameters. The backend writes a node back verbatim from its origin while
+that snapshot still holds, and rebuilds it from the canonical form otherwise.
+
+Initializers, Constant nodes and Identity(constant) chains all become `constant` nodes, so
+rules see a constant whichever form the exporter chose.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import torch
+
+from ..errors import ModelLoadError
+from ..ir import Graph, Node, Value
+
+
+@dataclass(frozen=True)
+class In:
+    """Input slot written from the IR node's input number `index`."""
+    index: int
+
+
+@dataclass(frozen=True)
+class Orig:
+    """Input slot written from the original tensor (an initializer, or a constant node's output)."""
+    tensor: Any  # gs.Constant or gs.Variable
+    producer: "OnnxOrigin | None" = None  # the constant-making node behind a Variable
+
+
+EMPTY = Orig(None)  # an omitted optional input
+
+
+@dataclass(eq=False)
+class OnnxOrigin:
+    proto: onnx.NodeProto | None  # None for an initializer
+    gs_node: Any  # gs.Node, or the gs.Constant of an initializer
+    slots: list  # per original input: In / Orig / EMPTY
+    output_names: list[str]
+    kind: str = ""
+    attrs: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)
+    pinned: dict = field(default_factory=dict)  # IR input index -> Value that must still be there
+    n_inputs: int = 0
+    captures: list = field(default_factory=list)  # (outer tensor name, IR input index) read by subgraphs
+
+    @property
+    def is_initializer(self) -> bool:
+        return self.proto is None
+
+
+def record(node: Node, origin: OnnxOrigin) -> None:
+    """Snapshot what makes `node` the same as its ONNX original."""
+    origin.kind = node.kind
+    origin.attrs = dict(node.attrs)
+    origin.params = dict(node.params)
+    origin.n_inputs = len(node.inputs)
+    node.origin = origin
+
+
+def untouched(node: Node) -> bool:
+    """Can `node` be written back from its origin? Only if no rule changed what it computes."""
+    o = node.origin
+    if not isinstance(o, OnnxOrigin):
+        return False
+    return (node.kind == o.kind and len(node.inputs) == o.n_inputs and len(node.outputs) == len(o.output_names)
+            and node.attrs == o.attrs and node.params.keys() == o.params.keys()
+            and all(node.params[k] is t for k, t in o.params.items())
+            and all(node.inputs[i] is v for i, v in o.pinned.items()))
+
+
+# -- dtype helpers -------------------------------------------------------------------------------
+def torch_dtype(dtype) -> torch.dtype | None:
+    if dtype is None:
+        return None
+    try:
+        if isinstance(dtype, int):
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype)
+        return torch.from_numpy(np.empty(0, dtype=np.dtype(dtype))).dtype
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
+def to_torch(values) -> torch.Tensor:
+    array = np.array(values)  # a private copy: the model's own buffers are never shared
+    return torch.from_numpy(array)
+
+
+def subgraph_captures(proto: onnx.NodeProto) -> list[str]:
+    """Outer-scope tensor names the node's subgraphs read (If/Loop/Scan bodies), in first-use order."""
+    found: dict[str, None] = {}
+
+    def walk(graph: onnx.GraphProto, outer_defined: set[str]) -> None:
+        defined = set(outer_defined)
+        defined.update(i.name for i in graph.input)
+        defined.update(i.name for i in graph.initializer)
+        defined.update(i.values.name for i in graph.sparse_initializer)
+        for node in graph.node:
+            for name in node.input:
+                if name and name not in defined:
+                    found.setdefault(name, None)
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    walk(sub, defined)
+            defined.update(node.output)
+
+    for attr in proto.attribute:
+        for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            walk(sub, set())
+    return list(found)
+
+
+class OnnxImporter:
+    """Builds the IR of one ModelProto."""
+
+    def __init__(self, model: onnx.ModelProto, inferred: onnx.ModelProto, source: str):
+        self.model = model
+        self.source = source
+        self.gs_graph = gs.import_onnx(inferred)
+        self.graph = Graph()
+        self.env: dict[str, Value] = {}
+        self.init_values: dict[str, torch.Tensor] = {}
+        self.opset = default_opset(model)
+        # gs imports nodes in file order, so node i is the original model's node i.
+        self.protos = list(model.graph.node)
+        self._initializers: dict | None = None
+
+    def run(self) -> Graph:
+        if len(self.gs_graph.nodes) != len(self.protos):
+            raise ModelLoadError("onnx-graphsurgeon read a different number of nodes than the file holds",
+                                 where=self.source)
+        for tensor in self.gs_graph.inputs:
+            value = self.graph.add_input(tensor.name, shape=_shape(tensor), dtype=torch_dtype(tensor.dtype))
+            value.name = tensor.name
+            self.env[tensor.name] = value
+        for gs_node, proto in zip(self.gs_graph.nodes, self.protos):
+            self._import(gs_node, proto)
+        outputs = []
+        for tensor in self.gs_graph.outputs:
+            outputs.append(self.value_of(tensor, f"graph output {tensor.name!r}"))
+        self.graph.outputs = outputs
+        self.graph.meta.update(frontend="onnx", onnx_model=self.model, onnx_opset=self.opset,
+                               onnx_output_names=[t.name for t in self.gs_graph.outputs],
+                               onnx_source=self.source)
+        return self.graph
+
+    # -- values ---------------------------------------------------------------------------
+    def value_of(self, tensor, where: str) -> Value:
+        """The IR value of an input tensor; an initializer becomes a constant node when first read as data."""
+        value = self.env.get(tensor.name)
+        if value is not None:
+            return value
+        if isinstance(tensor, gs.Constant):
+            node = Node("constant", tensor.name, params={"value": self.initializer(tensor)})
+            record(node, OnnxOrigin(None, tensor, [], [tensor.name]))
+            self.graph.append(node)
+            node.output.name = tensor.name
+            node.output.shape, node.output.dtype = tuple(node.params["value"].shape), node.params["value"].dtype
+            self.env[tensor.name] = node.output
+            return node.output
+        raise ModelLoadError(f"input {tensor.name!r} is neither a graph input, an initializer nor a node output",
+                             where=f"{self.source}, {where}")
+
+    def initializer(self, tensor) -> torch.Tensor:
+        """One torch tensor per initializer, so every reader of a shared initializer holds the same object."""
+        if tensor.name not in self.init_values:
+            self.init_values[tensor.name] = to_torch(tensor.values)
+        return self.init_values[tensor.name]
+
+    def constant_of(self, tensor) -> torch.Tensor | None:
+        """The tensor's value if it is a constant (initializer, Constant node, Identity of one)."""
+        if isinstance(tensor, gs.Constant):
+            return self.initializer(tensor)
+        value = self.env.get(tensor.name)
+        if value is not None and value.producer is not None and value.producer.kind == "constant":
+            return value.producer.params["value"]
+        return None
+
+    def outer_initializer(self, name: str):
+        """An initializer of the main graph read only inside subgraphs (gs does not list it)."""
+        if self._initializers is None:
+            self._initializers = {t.name: t for t in self.model.graph.initializer}
+        proto = self._initializers.get(name)
+        if proto is None:
+            return None
+        return gs.Constant(name, onnx.numpy_helper.to_array(proto))
+
+    def orig(self, tensor) -> Orig:
+        """How an untouched node writes this input back: the original tensor, with its maker."""
+        if tensor is None or tensor.name == "":
+            return EMPTY
+        value = self.env.get(tensor.name)
+        producer = value.producer if value is not None else None
+        return Orig(tensor, producer.origin if producer is not None and not isinstance(tensor, gs.Constant) else None)
+
+    # -- nodes ----------------------------------------------------------------------------
+    def _import(self, gs_node, proto: onnx.NodeProto) -> None:
+        where = f"node {proto.name or proto.op_type}"
+        for tensor in gs_node.inputs:
+            if tensor.name and not isinstance(tensor, gs.Constant) and tensor.name not in self.env:
+                raise ModelLoadError(f"input {tensor.name!r} is neither a graph input, an initializer nor the "
+                                     "output of an earlier node", where=f"{self.source}, {where}")
+        handler = HANDLERS.get(gs_node.op) if (proto.domain or "") in ("", "ai.onnx") else None
+        node = handler(self, gs_node, proto) if handler is not None else None
+        if node is None:
+            node = self._opaque(gs_node, proto)
+        for value, tensor in zip(node.outputs, gs_node.outputs):
+            value.name = tensor.name
+            if value.shape is None:
+                value.shape, value.dtype = _shape(tensor), torch_dtype(tensor.dtype)
+            if tensor.name:
+                self.env[tensor.name] = value
+
+    def make(self, kind: str, gs_node, proto, inputs: list[Value], slots: list, attrs: dict | None = None,
+             params: dict | None = None, pinned: dict | None = None, num_outputs: int = 1) -> Node:
+        node = Node(kind, proto.name or f"{proto.op_type}_{len(self.graph)}", inputs, attrs, params, num_outputs)
+        node.scope = proto.name or None
+        origin = OnnxOrigin(proto, gs_node, slots, [t.name for t in gs_node.outputs], pinned=pinned or {})
+        self.graph.append(node)
+        record(node, origin)
+        return node
+
+    def _opaque(self, gs_node, proto) -> Node:
+        inputs, slots = [], []
+        for tensor in gs_node.inputs:
+            if tensor.name:
+                slots.append(In(len(inputs)))
+                inputs.append(self.value_of(tensor, f"node {proto.name}"))
+            else:
+                slots.append(EMPTY)
+        captures = []
+        for name in subgraph_captures(proto):
+            value = self.env.get(name)
+            if value is None:
+                tensor = self.outer_initializer(name)
+                if tensor is None:
+                    raise ModelLoadError(f"a subgraph reads {name!r}, which the outer graph does not define",
+                                         where=f"{self.source}, node {proto.name or proto.op_type}")
+                value = self.value_of(tensor, f"node {proto.name}")
+            captures.append((name, len(inputs)))
+            inputs.append(value)
+        # Standard ops have no side effects, so an unused one may go; custom-domain ops stay.
+        pure = (proto.domain or "") in ("", "ai.onnx") and not captures
+        node = self.make("opaque", gs_node, proto, inputs, slots, {"op_type": proto.op_type,
+                                                                   "domain": proto.domain, "pure": pure},
+                         num_outputs=len(gs_node.outputs))
+        node.origin.captures = captures
+        return node
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return 1
+
+
+def _shape(tensor) -> tuple | None:
+    shape = getattr(tensor, "shape", None)
+    if shape is None:
+        return None
+    return tuple(d if isinstance(d, int) else (d if isinstance(d, str) and d else None) for d in shape)
+
+
+# -- op handlers: return an IR node when the mapping is exact, None to keep the node opaque -------------
+def _data(imp: OnnxImporter, tensor) -> Value:
+    return imp.value_of(tensor, "")
+
+
+def _input(gs_node, i: int):
+    return gs_node.inputs[i] if len(gs_node.inputs) > i and gs_node.inputs[i].name else None
+
+
+def _pairs(pads: list[int], dims: int) -> tuple:
+    return tuple((int(pads[i]), int(pads[i + dims])) for i in range(dims))
+
+
+def _spatial_pads(imp, gs_node, kernel, stride, dilation) -> tuple | None:
+    """(before, after) pads per spatial dim, resolving auto_pad when the input size is known."""
+    dims = len(kernel)
+    auto = gs_node.attrs.get("auto_pad", "NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto in ("NOTSET", ""):
+        pads = gs_node.attrs.get("pads", [0] * 2 * dims)
+        return _pairs(pads, dims)
+    if auto == "VALID":
+        return ((0, 0),) * dims
+    shape = _data(imp, gs_node.inputs[0]).shape
+    if shape is None or len(shape) != dims + 2 or not all(isinstance(s, int) for s in shape[2:]):
+        return None  # SAME_* pads depend on a size we do not know
+    pads = []
+    for size, k, s, d in zip(shape[2:], kernel, stride, dilation):
+        total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+        small, big = total // 2, total - total // 2
+        pads.append((small, big) if auto == "SAME_UPPER" else (big, small))
+    return tuple(pads)
+
+
+def _conv(imp: OnnxImporter, gs_node, proto) -> Node | None:
+    weight = imp.constant_of(gs_node.inputs[1]) if len(gs_node.inputs) > 1 else None
+    b = _input(gs_node, 2)
+    bias = imp.constant_of(b) if b is not None else None
+    if weight is None or weight.dim() < 3 or (b is not None and bias is None):
+        return None
+    transpose = gs_node.op == "ConvTranspose"
+    dims = weight.dim() - 2
+    a = gs_node.attrs
+    kernel = tuple(a.get("kernel_shape", weight.shape[2:]))
+    if kernel != tuple(weight.shape[2:]):
+        return None
+    stride = tuple(a.get("strides", [1] * dims))
+    dilation = tuple(a.get("dilations", [1] * dims))
+    groups = int(a.get("group", 1))
+    if transpose:
+        if "output_shape" in a or a.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+            return None  # output_shape / auto_pad derive the pads from sizes; keep the node as it is
+        attrs = {"stride": stride, "padding": _pairs(a.get("pads", [0] * 2 * dims), dims),
+                 "output_padding": tuple(a.get("output_padding", [0] * dims)), "dilation": dilation,
+                 "groups": groups}
+    else:
+        pads = _spatial_pads(imp, gs_node, kernel, stride, dilation)
+        if pads is None:
+            return None
+        attrs = {"stride": stride, "padding": pads, "dilation": dilation, "groups": groups, "padding_mode": "zeros"}
+    slots = [In(0), imp.orig(gs_node.inputs[1])] + ([imp.orig(b)] if len(gs_node.inputs) > 2 else [])
+    return imp.make("conv_transpose" if transpose else "conv", gs_node, proto, [_data(imp, gs_node.inputs[0])], slots,
+                    attrs, {"weight": weight, "bias": bias})
+
+
+def _batch_norm(imp, gs_node, proto) -> Node | None:
+    if len(gs_node.inputs) != 5 or len(proto.output) != 1:
+        return None  # training-mode BN with running-statistics outputs stays as it is
+    a = gs_node.attrs
+    if imp.opset < 9 and not a.get("spatial", 1):
+        return None
+    if imp.opset < 7:
+        return None  # is_test / consumed_inputs semantics
+    scale, shift, mean, var = (imp.constant_of(t) for t in gs_node.inputs[1:])
+    if any(t is None for t in (scale, shift, mean, var)):
+        return None
+    # epsilon is a float32 attribute; the runtime adds exactly that float32 value.
+    attrs = {"eps": float(np.float32(a.get("epsilon", 1e-5))), "momentum": 1.0 - float(a.get("momentum", 0.9)),
+             "training": bool(a.get("training_mode", 0))}
+    params = {"running_mean": mean, "running_var": var, "weight": scale, "bias": shift}
+    slots = [In(0)] + [imp.orig(t) for t in gs_node.inputs[1:]]
+    return imp.make("batch_norm", gs_node, proto, [_data(imp, gs_node.inputs[0])], slots, attrs, params)
+
+
+def _gemm(imp, gs_node, proto) -> Node | None:
+    """Gemm is linear when B and C are constants and C is a bias along the last axis."""
+    a = gs_node.attrs
+    if a.get("transA", 0):
+        return None
+    b = imp.constant_of(gs_node.inputs[1])
+    c_tensor = _input(gs_node, 2)
+    c = imp.constant_of(c_tensor) if c_tensor is not None else None
+    if b is None or b.dim() != 2 or (c_tensor is not None and c is None) or not b.is_floating_point():
+        return None
+    alpha, beta = float(np.float32(a.get("alpha", 1.0))), float(np.float32(a.get("beta", 1.0)))
+    weight = b if a.get("transB", 0) else b.t()
+    out_features = weight.shape[0]
+    bias = None
+    if c is not None:
+        if c.dim() > 2 or (c.dim() == 2 and c.shape[0] != 1) or c.numel() not in (1, out_features):
+            return None  # C varies along the batch axis: not a bias
+        bias = c.reshape(-1).expand(out_features).clone() if c.numel() == 1 else c.reshape(-1)
+        if beta != 1.0:
+            bias = (bias.double() * beta).to(c.dtype)
+    if alpha != 1.0:
+        # alpha (A @ B) becomes A @ (alpha B): equal up to one rounding of the product.
+        weight = (weight.double() * alpha).to(b.dtype)
+    slots = [In(0), imp.orig(gs_node.inputs[1])] + ([imp.orig(c_tensor)] if c_tensor is not None else [])
+    return imp.make("linear", gs_node, proto, [_data(imp, gs_node.inputs[0])], slots, {},
+                    {"weight": weight, "bias": bias})
+
+
+def _matmul(imp, gs_node, proto) -> Node | None:
+    w = imp.constant_of(gs_node.inputs[1])
+    if w is None or w.dim() != 2 or imp.constant_of(gs_node.inputs[0]) is not None or not w.is_floating_point():
+        return None
+    x = _data(imp, gs_node.inputs[0])
+    if x.shape is not None and len(x.shape) < 2:
+        return None  # a vector times a matrix drops an axis; linear keeps it
+    return imp.make("linear", gs_node, proto, [x], [In(0), imp.orig(gs_node.inputs[1])], {},
+                    {"weight": w.t(), "bias": None})
+
+
+def _binary(kind: str):
+    def handler(imp, gs_node, proto) -> Node | None:
+        if len(gs_node.inputs) != 2 or all(imp.constant_of(t) is not None for t in gs_node.inputs):
+            return None
+        if proto.domain not in ("", "ai.onnx") or (imp.opset < 7 and "broadcast" in gs_node.attrs):
+            return None  # legacy explicit broadcasting
+        inputs = [_data(imp, t) for t in gs_node.inputs]
+        return imp.make(kind, gs_node, proto, inputs, [In(0), In(1)])
+    return handler
+
+
+def _inverted(kind: str, invert: Callable[[torch.Tensor], torch.Tensor | None]):
+    """x - c as x + (-c), x / c as x * (1/c): only with a constant right operand, and only when exact."""
+    def handler(imp, gs_node, proto) -> Node | None:
+        c = imp.constant_of(gs_node.inputs[1])
+        if c is None or imp.constant_of(gs_node.inputs[0]) is not None or not c.is_floating_point():
+            return None
+        inverse = invert(c)
+        if inverse is None:
+            return None
+        const = Node("constant", f"{proto.name or proto.op_type}_inverse", params={"value": inverse})
+        imp.graph.append(const)
+        const.output.shape, const.output.dtype = tuple(inverse.shape), inverse.dtype
+        return imp.make(kind, gs_node, proto, [_data(imp, gs_node.inputs[0]), const.output],
+                        [In(0), imp.orig(gs_node.inputs[1])], pinned={1: const.output})
+    return handler
+
+
+def _exact_reciprocal(c: torch.Tensor) -> torch.Tensor | None:
+    """1/c when every element is a power of two, so x * (1/c) rounds exactly like x / c."""
+    mantissa, _ = torch.frexp(c.double())
+    if not bool(torch.isfinite(c).all()) or not bool((mantissa.abs() == 0.5).all()):
+        return None
+    return (1.0 / c.double()).to(c.dtype)
+
+
+def _unary(kind: str, **attrs):
+    def handler(imp, gs_node, proto) -> Node | None:
+        if len(proto.output) != 1:
+            return None
+        return imp.make(kind, gs_node, proto, [_data(imp, gs_node.inputs[0])], [In(0)], dict(attrs))
+    return handler
+
+
+def _identity(imp, gs_node, proto) -> Node:
+    value = imp.constant_of(gs_node.inputs[0])
+    if value is not None:
+        # Identity of a constant is that constant (exporters dedupe initializers this way).
+        return imp.make("constant", gs_node, proto, [], [imp.orig(gs_node.inputs[0])], params={"value": value})
+    return imp.make("identity", gs_node, proto, [_data(imp, gs_node.inputs[0])], [In(0)])
+
+
+def _constant(imp, gs_node, proto) -> Node | None:
+    a = gs_node.attrs
+    if "value" in a and isinstance(a["value"], gs.Constant):
+        value = to_torch(a["value"].values)
+    elif "value_float" in a:
+        value = torch.tensor(a["value_float"], dtype=torch.float32)
+    elif "value_floats" in a:
+        value = torch.tensor(list(a["value_floats"]), dtype=torch.float32)
+    elif "value_int" in a:
+        value = torch.tensor(a["value_int"], dtype=torch.int64)
+    elif "value_ints" in a:
+        value = torch.tensor(list(a["value_ints"]), dtype=torch.int64)
+    else:
+        return None
+    return imp.make("constant", gs_node, proto, [], [], params={"value": value})
+
+
+def _scalar(value: torch.Tensor | None) -> float | None:
+    return None if value is None or value.numel() != 1 else float(value.reshape(()))
+
+
+def _clip(imp, gs_node, proto) -> Node | None:
+    if imp.opset < 11:
+        attrs = {"min": gs_node.attrs.get("min"), "max": gs_node.attrs.get("max")}
+        attrs = {k: (None if v is None else float(np.float32(v))) for k, v in attrs.items()}
+        return imp.make("clamp", gs_node, proto, [_data(imp, gs_node.inputs[0])], [In(0)], attrs)
+    bounds = []
+    for i in (1, 2):
+        tensor = _input(gs_node, i)
+        if tensor is None:
+            bounds.append(None)
+            continue
+        value = imp.constant_of(tensor)
+        if value is None or value.numel() != 1:
+            return None
+        bounds.append(_scalar(value))
+    slots = [In(0)] + [imp.orig(_input(gs_node, i)) for i in range(1, len(gs_node.inputs))]
+    return imp.make("clamp", gs_node, proto, [_data(imp, gs_node.inputs[0])], slots,
+                    {"min": bounds[0], "max": bounds[1]})
+
+
+def _concat(imp, gs_node, proto) -> Node | None:
+    inputs = [_data(imp, t) for t in gs_node.inputs]
+    return imp.make("concat", gs_node, proto, inputs, [In(i) for i in range(len(inputs))],
+                    {"dim": int(gs_node.attrs["axis"])})
+
+
+def _split(imp, gs_node, proto) -> Node | None:
+    x = _data(imp, gs_node.inputs[0])
+    axis = int(gs_node.attrs.get("axis", 0))
+    n = len(gs_node.outputs)
+    sizes_tensor = _input(gs_node, 1)
+    if sizes_tensor is not None:
+        sizes = imp.constant_of(sizes_tensor)
+        if sizes is None:
+            return None
+        sizes = tuple(int(s) for s in sizes.reshape(-1))
+    elif "split" in gs_node.attrs:
+        sizes = tuple(int(s) for s in gs_node.attrs["split"])
+    else:
+        total = x.shape[axis] if x.shape is not None and -len(x.shape) <= axis < len(x.shape) else None
+        if not isinstance(total, int) or total % n:
+            return None  # uneven or unknown: the runtime's rule for the last piece would need a size
+        sizes = (total // n,) * n
+    slots = [In(0)] + ([imp.orig(sizes_tensor)] if len(gs_node.inputs) > 1 else [])
+    return imp.make("split", gs_node, proto, [x], slots, {"dim": axis, "sizes": sizes}, num_outputs=n)
+
+
+def _pool(kind: str):
+    def handler(imp, gs_node, proto) -> Node | None:
+        if len(proto.output) != 1:
+            return None  # MaxPool with indices
+        a = gs_node.attrs
+        kernel = tuple(a["kernel_shape"])
+        dims = len(kernel)
+        stride = tuple(a.get("strides", [1] * dims))
+        dilation = tuple(a.get("dilations", [1] * dims))
+        pads = _spatial_pads(imp, gs_node, kernel, stride, dilation)
+        if pads is None or a.get("storage_order", 0):
+            return None
+        attrs = {"kernel_size": kernel, "stride": stride, "padding": pads, "ceil_mode": bool(a.get("ceil_mode", 0))}
+        if kind == "avg_pool":
+            if any(d != 1 for d in dilation):
+                return None
+            attrs.update(count_include_pad=bool(a.get("count_include_pad", 0)), divisor_override=None)
+        else:
+            attrs["dilation"] = dilation
+        return imp.make(kind, gs_node, proto, [_data(imp, gs_node.inputs[0])], [In(0)], attrs)
+    return handler
+
+
+def _global_avg_pool(imp, gs_node, proto) -> Node | None:
+    x = _data(imp, gs_node.inputs[0])
+    if x.shape is None or len(x.shape) < 3:
+        return None
+    return imp.make("adaptive_avg_pool", gs_node, proto, [x], [In(0)], {"output_size": (1,) * (len(x.shape) - 2)})
+
+
+def _flatten(imp, gs_node, proto) -> Node | None:
+    x = _data(imp, gs_node.inputs[0])
+    axis = int(gs_node.attrs.get("axis", 1))
+    rank = None if x.shape is None else len(x.shape)
+    if axis < 0 and rank is not None:
+        axis += rank
+    if axis != 1:
+        return None  # ONNX Flatten always gives 2-D; only axis 1 matches flatten(x, 1)
+    return imp.make("flatten", gs_node, proto, [x], [In(0)], {"start_dim": 1, "end_dim": -1})
+
+
+def _reshape(imp, gs_node, proto) -> Node | None:
+    shape = imp.constant_of(gs_node.inputs[1])
+    if shape is None:
+        return None
+    shape = tuple(int(s) for s in shape.reshape(-1))
+    if 0 in shape and not gs_node.attrs.get("allowzero", 0):
+        return None  # ONNX 0 copies an input dim; torch 0 means an empty dim
+    return imp.make("reshape", gs_node, proto, [_data(imp, gs_node.inputs[0])],
+                    [In(0), imp.orig(gs_node.inputs[1])], {"shape": shape})
+
+
+def _dropout(imp, gs_node, proto) -> Node | None:
+    if len(proto.output) != 1:
+        return None
+    training = _input(gs_node, 2)
+    if training is not None:
+        mode = imp.constant_of(training)
+        if mode is None or bool(mode.reshape(-1)[0]):
+            return None
+    ratio_tensor = _input(gs_node, 1)
+    ratio = _scalar(imp.constant_of(ratio_tensor)) if ratio_tensor is not None else gs_node.attrs.get("ratio", 0.5)
+    if ratio is None:
+        return None
+    slots = [In(0)] + [imp.orig(_input(gs_node, i)) for i in range(1, len(gs_node.inputs))]
+    return imp.make("dropout", gs_node, proto, [_data(imp, gs_node.inputs[0])], slots,
+                    {"p": float(ratio), "training": False})
+
+
+HANDLERS: dict[str, Callable] = {
+    "Conv": _conv, "ConvTranspose": _conv,
+    "BatchNormalization": _batch_norm,
+    "Gemm": _gemm, "MatMul": _matmul,
+    "Add": _binary("add"), "Mul": _binary("mul"),
+    "Sub": _inverted("add", lambda c: -c),
+    "Div": _inverted("mul", _exact_reciprocal),
+    "Relu": _unary("relu"),
+    "Clip": _clip,
+    "Concat": _concat, "Split": _split,
+    "AveragePool": _pool("avg_pool"), "MaxPool": _pool("max_pool"),
+    "GlobalAveragePool": _global_avg_pool,
+    "Flatten": _flatten, "Reshape": _reshape,
+    "Identity": _identity, "Constant": _constant,
+    "Dropout": _dropout,
+}

@@ -1,0 +1,130 @@
+"""Loading, checking and saving ONNX models, with errors that name the file and the node.
+
+Saving is atomic (a temporary file in the target directory, then `os.replace`), so a failed save
+never leaves a partial model behind. Models too big for one protobuf (2 GB) keep their weights
+in an external data file written next to the model.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from ..errors import ModelLoadError, RewriteError
+
+# Protobuf refuses to serialize a message of 2 GB or more; stay clearly below it.
+PROTOBUF_LIMIT = 2**31 - 2**20
+MIN_IR_VERSION = 3  # the first IR version with opset imports
+
+
+def describe(source) -> str:
+    """How errors name a model: its path, or 'ModelProto <graph name>'."""
+    if isinstance(source, (str, os.PathLike)):
+        return f"file {os.fspath(source)}"
+    graph_name = getattr(getattr(source, "graph", None), "name", "") or "?"
+    return f"ModelProto {graph_name!r}"
+
+
+def load_onnx(path: str | os.PathLike, load_external_data: bool = True) -> onnx.ModelProto:
+    """Read and check an ONNX file. Any problem is a ModelLoadError naming the file (and node)."""
+    path = os.fspath(path)
+    where = f"file {path}"
+    if not os.path.isfile(path):
+        raise ModelLoadError("no such file", where=where)
+    try:
+        model = onnx.load(path, load_external_data=load_external_data)
+    except Exception as exc:  # protobuf DecodeError, missing external data, ...
+        raise ModelLoadError(f"not a readable ONNX model ({type(exc).__name__}: {_first_line(exc)})",
+                             where=where) from None
+    if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
+        # An arbitrary byte string often parses as an empty ModelProto.
+        raise ModelLoadError("not an ONNX model: the file holds no graph", where=where)
+    check_onnx(model, path)
+    return model
+
+
+def check_onnx(model: onnx.ModelProto, source=None) -> None:
+    """IR version and onnx.checker; errors name the source and, when the checker does, the node."""
+    where = describe(source if source is not None else model)
+    if not isinstance(model, onnx.ModelProto):
+        raise ModelLoadError(f"expected an onnx.ModelProto, got {type(model).__name__}", where=where)
+    if model.ir_version < MIN_IR_VERSION or model.ir_version > onnx.IR_VERSION:
+        raise ModelLoadError(f"unsupported IR version {model.ir_version} (this onnx {onnx.__version__} reads "
+                             f"{MIN_IR_VERSION}..{onnx.IR_VERSION})", where=where)
+    try:
+        if model.ByteSize() < PROTOBUF_LIMIT:
+            onnx.checker.check_model(model)
+        elif isinstance(source, (str, os.PathLike)):
+            onnx.checker.check_model(os.fspath(source))  # the checker reads big models from their path
+    except onnx.checker.ValidationError as exc:
+        node = _node_in(str(exc))
+        raise ModelLoadError(f"the model fails onnx.checker: {_first_line(exc)}",
+                             where=where + (f", node {node}" if node else "")) from None
+
+
+def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> Path:
+    """Write `model` to `path` atomically. Over 2 GB (or when asked), weights go to `<name>.data` beside it.
+
+    `model` is not changed: external-data conversion happens on a copy.
+    """
+    path = Path(os.fspath(path))
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise RewriteError("the output directory does not exist", where=f"file {path}")
+    if external_data is None:
+        external_data = model.ByteSize() >= PROTOBUF_LIMIT
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    data_name = path.name + ".data"
+    tmp_data = None
+    try:
+        if external_data:
+            # The data file is written under a temporary name too, then both are moved into place.
+            tmp_data = tmp + ".data"
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            onnx.external_data_helper.convert_model_to_external_data(
+                copy, all_tensors_to_one_file=True, location=os.path.basename(tmp_data), size_threshold=1024)
+            onnx.save_model(copy, tmp)
+            _relocate_external_data(tmp, data_name)
+            os.replace(tmp_data, directory / data_name)
+            tmp_data = None
+        else:
+            onnx.save_model(model, tmp)
+        os.replace(tmp, path)
+    except Exception as exc:
+        for leftover in (tmp, tmp_data):
+            if leftover and os.path.exists(leftover):
+                os.unlink(leftover)
+        if isinstance(exc, RewriteError):
+            raise
+        raise RewriteError(f"could not save the model: {type(exc).__name__}: {_first_line(exc)}",
+                           where=f"file {path}") from None
+    return path
+
+
+def _relocate_external_data(model_path: str, location: str) -> None:
+    """Point the saved model's tensors at their final data file name (read without loading the data)."""
+    model = onnx.load(model_path, load_external_data=False)
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save_model(model, model_path)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _node_in(message: str) -> str | None:
+    """The node a checker message is about, when it says."""
+    found = re.search(r"node(?: \(|: |\s)\s*([^\s)]+)", message, re.IGNORECASE)
+    if found:
+        return found.group(1).strip("'\"")
+    found = re.search(r"Node\s*\(([^)]*)\)", message)
+    return found.group(1) if found else None
