@@ -6,6 +6,7 @@ references to the IR node's inputs. The backend re-emits untouched nodes from it
 from __future__ import annotations
 
 import inspect
+import math
 import operator
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -191,6 +192,7 @@ class FxImporter:
         self.graph = Graph()
         self.values: dict[fx.Node, Value] = {}
         self.placeholders: list[tuple[str, Any]] = []
+        self.splits: dict[fx.Node, Node] = {}  # recognized split / chunk calls, whose getitems become outputs
 
     # The import proper --------------------------------------------------------------------
     def run(self) -> Graph:
@@ -225,6 +227,9 @@ class FxImporter:
     def _import_node(self, fx_node: fx.Node) -> Value | None:
         if fx_node.op == "call_function" and fx_node.target is torch._assert:
             return None  # a shape check traced from the model (timm's _assert); it guards nothing here
+        piece = self._split_piece(fx_node)
+        if piece is not None:
+            return piece
         if fx_node.op == "get_attr":
             tensor = _fetch_attr(self.root, fx_node.target)
             if isinstance(tensor, torch.Tensor):
@@ -270,6 +275,9 @@ class FxImporter:
                 return None
             kind, attrs, params = found
             return self._make(kind, fx_node, [fx_node.args[0]], attrs, params)
+        shaped = self._recognize_shaped(fx_node)
+        if shaped is not None:
+            return shaped
         if fx_node.op == "call_function" and _hashable(fx_node.target) and fx_node.target in _FUNCTIONS:
             kind, sig = _FUNCTIONS[fx_node.target]
         elif fx_node.op == "call_method" and fx_node.target in _METHODS:
@@ -336,6 +344,64 @@ class FxImporter:
             return self._make("concat", fx_node, list(tensors), {"dim": int(a["dim"])}, {})
         return None
 
+    # split / chunk and flattening view / reshape: recognized only when example inputs gave shapes --------
+    def _recognize_shaped(self, fx_node: fx.Node) -> Value | None:
+        op, target = fx_node.op, fx_node.target
+        if (op == "call_function" and target in (torch.split, torch.chunk)) or \
+                (op == "call_method" and target in ("split", "chunk")):
+            return self._recognize_split(fx_node)
+        if (op == "call_method" and target in ("view", "reshape")) or (op == "call_function" and target is torch.reshape):
+            return self._recognize_flattening_view(fx_node)
+        return None
+
+    def _recognize_split(self, fx_node: fx.Node) -> Value | None:
+        """torch.split / chunk whose pieces are only taken by constant getitems: one `split` node."""
+        x = fx_node.args[0] if fx_node.args else None
+        in_shape = _meta_shape(x)
+        metas = fx_node.meta.get("tensor_meta")
+        dim = fx_node.args[2] if len(fx_node.args) > 2 else fx_node.kwargs.get("dim", 0)
+        if in_shape is None or not isinstance(metas, (tuple, list)) or len(metas) < 2 or not isinstance(dim, int):
+            return None
+        if any(isinstance(a, fx.Node) for a in list(fx_node.args[1:]) + list(fx_node.kwargs.values())):
+            return None
+        if not all(u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int)
+                   for u in fx_node.users):
+            return None
+        dim %= len(in_shape)
+        sizes = tuple(int(m.shape[dim]) for m in metas)
+        if sum(sizes) != in_shape[dim]:
+            return None
+        node = Node("split", fx_node.name, attrs={"dim": dim, "sizes": sizes}, num_outputs=len(sizes))
+        node.add_input(self.values[x])
+        args, kwargs = self._template_without_inputs(node, fx_node)
+        node.origin = FxOrigin(fx_node.op, fx_node.target, args, kwargs, fx_node.name)
+        out = self._finish(node, fx_node)
+        for value, meta in zip(node.outputs, metas):
+            value.shape, value.dtype = tuple(meta.shape), meta.dtype
+        self.splits[fx_node] = node
+        return out
+
+    def _split_piece(self, fx_node: fx.Node) -> Value | None:
+        if fx_node.op == "call_function" and fx_node.target is operator.getitem and fx_node.args[0] in self.splits:
+            outputs = self.splits[fx_node.args[0]].outputs
+            return outputs[fx_node.args[1] % len(outputs)]
+        return None
+
+    def _recognize_flattening_view(self, fx_node: fx.Node) -> Value | None:
+        """view / reshape that merges every axis from 1 (or 2) on, batch kept: a `flatten`."""
+        x = fx_node.args[0] if fx_node.args else None
+        in_shape, out_shape = _meta_shape(x), _meta_shape(fx_node)
+        if in_shape is None or out_shape is None:
+            return None
+        for start in (1, 2):
+            if start < len(in_shape) - 1 and out_shape == in_shape[:start] + (math.prod(in_shape[start:]),):
+                node = Node("flatten", fx_node.name, attrs={"start_dim": start, "end_dim": -1})
+                node.add_input(self.values[x])
+                # No origin: its shape arguments may be computed from sizes, which the IR does not carry,
+                # and a literal channel count would break once channels are removed.
+                return self._finish(node, fx_node)
+        return None
+
     def _make(self, kind: str, fx_node: fx.Node, operands: list, attrs: dict, params: dict) -> Value:
         """Build a recognized node; non-tensor operands (Python numbers) become constant inputs."""
         node = Node(kind, fx_node.name, attrs=attrs, params=params)
@@ -389,6 +455,11 @@ def _is_pure_call(fx_node: fx.Node) -> bool:
     if fx_node.op == "call_method":
         return fx_node.target in _PURE_METHODS
     return fx_node.op == "get_attr"
+
+
+def _meta_shape(node) -> tuple | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
 def _opt_float(v):

@@ -1,0 +1,203 @@
+"""remove_channels: physically remove channels that are provably dead, keeping outputs equal.
+
+A channel is dead when every layer that reads it sees a constant that can be folded exactly into
+that layer's bias (a BN with gamma 0 outputs beta; a zero filter outputs its bias; after a ReLU a
+non-positive constant is 0). Removal is propagated through the channel dependency groups of
+rewrite.analysis.channels: a residual add loses a channel only if it is dead in every operand,
+concat / split map offsets, a grouped conv loses whole groups, flatten -> linear loses the columns
+of a channel. At least one channel of every tensor is kept.
+
+options:
+    threshold: explicitly lossy. First zero every BN gamma with |gamma| <= threshold, then remove.
+               The report says so and how far the outputs moved on the example inputs.
+"""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+import networkx as nx
+import torch
+
+from rewrite.analysis.channels import ChannelGraph, channel_graph
+from rewrite.ir import Graph
+from rewrite.pass_manager import Pass, PassResult, Refused, Rewritten, register_pass
+
+from .channels_surgery import Surgery
+
+RULE = "remove_channels"
+
+
+class Decision:
+    """Which channels go, which dead channels stay, and why."""
+
+    def __init__(self, cg: ChannelGraph):
+        self.cg = cg
+        self.labels = labels = cg.labels()
+        n = cg.size
+        const = torch.cat([cg.const[id(sp)] for sp in cg.order]) if cg.order else torch.zeros(0)
+        self.varying = torch.isnan(const)
+        blocked = torch.zeros(n, dtype=torch.bool)
+        seen_varying = torch.zeros(n, dtype=torch.bool)
+        self.block_index = []
+        for b in cg.blocks:
+            idx = b.space.offset + b.mask.nonzero().flatten()
+            self.block_index.append(idx)
+            blocked[idx] = True
+            seen_varying[idx[self.varying[idx]]] = True
+        self.class_blocked = torch.zeros(n, dtype=torch.bool)
+        self.class_blocked[labels[blocked]] = True
+        # A class whose every reader sees a constant is dead; blocked anyway, it is reported.
+        self.class_alive = torch.zeros(n, dtype=torch.bool)
+        self.class_alive[labels[seen_varying]] = True
+        self.removable = ~self.class_blocked[labels]
+        self.kept_one: list[tuple[str, str]] = []
+        self._keep_one_each()
+
+    def _keep_one_each(self) -> None:
+        """Never empty a tensor: keep the class of its first channel."""
+        for sp in self.cg.order:
+            if sp.channels and bool(self.removable[sp.offset:sp.offset + sp.channels].all()):
+                label = self.labels[sp.offset]
+                self.class_blocked[label] = True
+                self.removable[self.labels == label] = False
+                producer = sp.value.producer
+                self.kept_one.append((producer.label if producer is not None else "<input>", tensor_name(sp.value)))
+
+    def refusals(self) -> list[Refused]:
+        dead_kept = (self.class_blocked & ~self.class_alive)[self.labels]
+        counts: Counter = Counter()
+        for b, idx in zip(self.cg.blocks, self.block_index):
+            if b.reason:
+                n = int(dead_kept[idx].sum())
+                if n:
+                    counts[(b.node, tensor_name(b.space.value), b.reason)] += n
+        for b in self.cg.breaks:
+            idx = b.space.offset + b.mask.nonzero().flatten()
+            n = int((~self.removable[idx]).sum())
+            if n:
+                counts[(b.node, tensor_name(b.space.value), b.reason)] += n
+        out = [Refused(RULE, node, f"{n} dead channel(s) of {value} kept: {reason}")
+               for (node, value, reason), n in counts.items()]
+        out += [Refused(RULE, node, f"1 dead channel of {value} kept so that it keeps at least one channel")
+                for node, value in self.kept_one]
+        return out
+
+    def groups(self) -> list[dict]:
+        """The dependency groups (networkx components of coupled tensors) that lost channels."""
+        by_name = {sp.value.name: sp for sp in self.cg.order}
+        out = []
+        for component in nx.connected_components(self.cg.deps):
+            members = sorted((by_name[v] for v in component), key=lambda sp: sp.offset)
+            gone = {tensor_name(sp.value): n for sp in members
+                    if (n := int(self.removable[sp.offset:sp.offset + sp.channels].sum()))}
+            if gone:
+                out.append({"tensors": [tensor_name(sp.value) for sp in members], "removed": gone})
+        return out
+
+
+def tensor_name(value) -> str:
+    """How the report names a tensor: by the module (or node) that produces it."""
+    producer = value.producer
+    if producer is None:
+        return value.name
+    return producer.label if len(producer.outputs) == 1 else f"{producer.label}[{value.index}]"
+
+
+def zero_small_gammas(graph: Graph, threshold: float) -> int:
+    """The lossy step: BN gammas with 0 < |gamma| <= threshold become 0 (fresh tensors). Returns how many."""
+    count = 0
+    for node in graph.nodes:
+        gamma = node.params.get("weight") if node.kind == "batch_norm" else None
+        if gamma is None:
+            continue
+        small = (gamma.detach().abs() <= threshold) & (gamma.detach() != 0)
+        n = int(small.sum())
+        if n:
+            node.params = dict(node.params, weight=torch.where(small, torch.zeros_like(gamma), gamma.detach()))
+            node.origin = None
+            count += n
+    return count
+
+
+class RemoveChannels(Pass):
+    name = RULE
+    description = "physically remove provably dead channels (BN gamma 0, zero filters) across the whole graph"
+
+    def run(self, graph: Graph, options: dict | None = None) -> PassResult:
+        options = dict(options or {})
+        result = PassResult(self.name)
+        missing = [v.name for v in graph.inputs if v.shape is None]
+        if missing:
+            result.refused.append(Refused(RULE, "<graph>", "remove_channels needs example_inputs: tensor ranks and "
+                                                           f"channel counts are unknown (inputs {missing})"))
+            return result
+        threshold = options.get("threshold")
+        probe = _OutputProbe(graph, options.get("example_inputs")) if threshold is not None else None
+        if threshold is not None:
+            result.counts["zeroed_gammas"] += zero_small_gammas(graph, float(threshold))
+        graph.topological_sort()
+        cg = channel_graph(graph)
+        decision = Decision(cg)
+        surgery = Surgery(graph, cg, decision.removable)
+        changed = surgery.run()
+        graph.eliminate_dead_code()
+        graph.topological_sort()
+        removed = int(decision.removable.sum())
+        by_layer = defaultdict(int)
+        for sp in cg.order:
+            n = int(decision.removable[sp.offset:sp.offset + sp.channels].sum())
+            producer = sp.value.producer
+            if n and producer is not None and producer.kind in ("conv", "conv_transpose", "linear"):
+                by_layer[producer.label] += n
+        if by_layer:
+            result.counts["channels_removed"] += sum(by_layer.values())
+        if surgery.folded:
+            result.counts["constants_folded"] += surgery.folded
+        # One `rewritten` entry per rebuilt node; the counts say what happened to channels.
+        result.rewritten += [Rewritten(RULE, (node.label,)) for node in changed]
+        result.refused = decision.refusals()
+        groups = decision.groups()
+        result.notes.update(groups=groups, removed_per_layer=dict(by_layer),
+                            dependency_groups=nx.number_connected_components(cg.deps), channel_elements_removed=removed)
+        summary = [f"removed {sum(by_layer.values())} channels from {len(by_layer)} layers in {len(groups)} "
+                   f"dependency groups; rebuilt {len(changed)} nodes; folded {surgery.folded} constants into biases"]
+        if threshold is not None:
+            summary.append(f"LOSSY: zeroed {result.counts['zeroed_gammas']} BN gammas with |gamma| <= {threshold:g}")
+            result.notes["lossy"] = True
+            if probe is not None:
+                moved = probe.compare(graph)
+                if moved is not None:
+                    result.notes["output_max_abs"], result.notes["output_max_rel"] = moved
+                    summary.append(f"LOSSY: outputs moved by max abs {moved[0]:.3e}, max rel {moved[1]:.3e} "
+                                   "on the example inputs")
+        result.notes["summary"] = summary
+        return result
+
+
+class _OutputProbe:
+    """Outputs of the graph before a lossy change, to say how far the change moved them (torch graphs only)."""
+
+    def __init__(self, graph: Graph, example_inputs):
+        self.inputs = example_inputs
+        self.before = None
+        if graph.meta.get("frontend") == "fx" and example_inputs is not None:
+            self.before = self._run(graph)
+
+    def _run(self, graph: Graph):
+        from rewrite.frontends.fx import as_tuple, preserved_buffers
+        from rewrite.frontends.fx_emit import emit_graph_module
+
+        module = emit_graph_module(graph, copy_originals=False)
+        with torch.no_grad(), preserved_buffers(module):
+            return module(*as_tuple(self.inputs))
+
+    def compare(self, graph: Graph) -> tuple[float, float] | None:
+        if self.before is None:
+            return None
+        from rewrite.verify import compare_outputs
+
+        moved = compare_outputs(self.before, self._run(graph), tolerance=0.0, dtype="")
+        return moved.max_abs, moved.max_rel
+
+
+remove_channels = register_pass(RemoveChannels())
