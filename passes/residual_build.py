@@ -37,10 +37,6 @@ class Signals:
     def count(self) -> int:
         return len(self.source)
 
-    def merge_coefficient(self, j: int) -> float:
-        # x = relu(x) - relu(-x): with the split, the negative half enters the merge with a minus sign
-        return self.sign[j]
-
 
 @dataclass
 class ConvCost:
@@ -76,17 +72,54 @@ def dirac_tap(conv: Node) -> tuple[int, ...]:
     return tuple(taps)
 
 
-def _layout_for(signals: int, next_conv: Stage | None) -> Layout:
-    """The reserved layout a conv should emit so that `next_conv` can carry or merge it."""
-    if next_conv is None or next_conv.groups == 1:
+@dataclass(frozen=True)
+class Slots:
+    """A conv that carries reserved channels in whole extra groups of `width_in` -> `width_out` channels."""
+
+    width_in: int
+    width_out: int
+
+    @property
+    def carried(self) -> int:
+        return min(self.width_in, self.width_out)
+
+
+def carry_slots(stages: list[Stage], reserved: int) -> list[Slots | None]:
+    """For each stage, how it carries the reserved channels: whole extra groups (Slots) or densely (None).
+
+    A grouped conv must use extra groups. An ungrouped conv uses them too when cheaper: a dense carry
+    costs (out + R) * (in + R) weights per tap, extra groups (1 + e) * out * in with e = ceil(R / min(in, out)).
+    The first conv (reserve) and the last (merge) are always dense.
+    """
+    plan: list[Slots | None] = [None] * len(stages)
+    for i in range(1, len(stages) - 1):
+        stage = stages[i]
+        width_in = stage.weight.shape[1]
+        width_out = stage.weight.shape[0] // stage.groups
+        slots = Slots(width_in, width_out)
+        previous = plan[i - 1]
+        fits_previous = previous is None or previous.width_out == width_in
+        if stage.groups > 1:
+            if not fits_previous:
+                raise SiteRefusal(f"{stages[i - 1].conv.name} and {stage.conv.name} are grouped convs of different "
+                                  "widths in a row; the reserved channels cannot be regrouped between them")
+            plan[i] = slots
+            continue
+        extra = math.ceil(reserved / slots.carried)
+        grouped_cost = (1 + extra) * width_out * width_in
+        dense_cost = (width_out + reserved) * (width_in + reserved)
+        plan[i] = slots if fits_previous and grouped_cost < dense_cost else None
+    return plan
+
+
+def _layout_for(signals: int, next_slots: Slots | None) -> Layout:
+    """The reserved layout a conv emits so that the next conv can carry (or merge) it."""
+    if next_slots is None:
         return list(range(signals))
-    in_per_group = next_conv.weight.shape[1]
-    out_per_group = next_conv.weight.shape[0] // next_conv.groups
-    carried = min(in_per_group, out_per_group)
     layout: Layout = []
-    for start in range(0, signals, carried):
-        chunk = list(range(start, min(start + carried, signals)))
-        layout += chunk + [None] * (in_per_group - len(chunk))
+    for start in range(0, signals, next_slots.carried):
+        chunk = list(range(start, min(start + next_slots.carried, signals)))
+        layout += chunk + [None] * (next_slots.width_in - len(chunk))
     return layout
 
 
@@ -132,24 +165,35 @@ class BlockBuilder:
         stages = self.site.stages
         if len(stages) == 1:
             return BuildResult(self._single_conv(stages[0]), 0, self.costs)
-        self._check_strides([dirac_tap(s.conv) for s in stages], stages)
-        value, layout, channels = self.site.x, None, 0
-        for index, item in enumerate(self.site.main):
+        taps = {id(s): dirac_tap(s.conv) for s in stages}
+        self._check_strides(stages)
+        plan = carry_slots(stages, self.signals.count)
+        if stages[0].groups != 1:
+            raise SiteRefusal(f"the first conv {stages[0].conv.name} is grouped ({stages[0].groups} groups); its "
+                              "groups cannot reserve channels for all of x")
+        if stages[-1].groups != 1:
+            raise SiteRefusal(f"the last conv {stages[-1].conv.name} is grouped ({stages[-1].groups} groups); its "
+                              "groups cannot read the reserved channels to merge the shortcut")
+        value, layout, channels, index = self.site.x, [], 0, 0
+        for item in self.site.main:
             if isinstance(item, Activation):
                 value = self._activation(item.node, value, channels, layout)
                 continue
-            later = [s for s in self.site.main[index + 1:] if isinstance(s, Stage)]
-            next_stage = later[0] if later else None
-            if item is stages[0]:
-                value, layout = self._reserve(item, value, next_stage)
-            elif item is stages[-1]:
-                value = self._merge(item, value, layout)
+            tap = taps[id(item)]
+            next_slots = plan[index + 1] if index + 1 < len(stages) else None
+            if index == 0:
+                value, layout = self._reserve(item, value, tap, _layout_for(self.signals.count, next_slots))
+            elif index == len(stages) - 1:
+                value = self._merge(item, value, tap, layout)
+            elif plan[index] is None:
+                value, layout = self._carry_dense(item, value, tap, layout, _layout_for(self.signals.count, next_slots))
             else:
-                value, layout = self._carry(item, value, layout, next_stage)
+                value, layout = self._carry_grouped(item, value, tap, layout, plan[index])
             channels = item.weight.shape[0]
+            index += 1
         return BuildResult(value, self.signals.count, self.costs)
 
-    def _check_strides(self, taps, stages: list[Stage]) -> None:
+    def _check_strides(self, stages: list[Stage]) -> None:
         total = [1] * self.spatial_dims
         for stage in stages:
             total = [t * s for t, s in zip(total, stage.conv.attrs["stride"])]
@@ -169,75 +213,62 @@ class BlockBuilder:
         in_per_group = weight.shape[1]
         out_per_group = weight.shape[0] // stage.groups
         rows, cols = torch.nonzero(matrix, as_tuple=True)
-        for o, i in zip(rows.tolist(), cols.tolist()):
-            if o // out_per_group != i // in_per_group:
-                raise SiteRefusal(f"the shortcut mixes channels across the groups of {stage.conv.name}")
-            weight[(o, i % in_per_group) + taps] += matrix[o, i]
-        return self._emit_conv(stage, self.site.x, weight, bias, stage.groups, stage.output)
+        if bool((rows // out_per_group != cols // in_per_group).any()):
+            raise SiteRefusal(f"the shortcut mixes channels across the groups of {stage.conv.name}")
+        weight[(rows, cols % in_per_group) + taps] += matrix[rows, cols]
+        return self._emit_conv(stage, self.site.x, self._cast(weight), bias, stage.groups)
 
     # -- reserve, carry, merge ------------------------------------------------------------
-    def _reserve(self, stage: Stage, x: Value, next_stage: Stage | None) -> tuple[Value, Layout]:
-        if stage.groups != 1:
-            raise SiteRefusal(f"the first conv {stage.conv.name} is grouped ({stage.groups} groups); its groups cannot "
-                              "reserve channels for all of x")
-        taps = dirac_tap(stage.conv)
-        layout = _layout_for(self.signals.count, next_stage)
+    def _reserve(self, stage: Stage, x: Value, taps, layout: Layout) -> tuple[Value, Layout]:
+        """Extra output rows: reserved channel p reads sign * x[source] at the Dirac tap."""
         out_channels = stage.weight.shape[0]
-        weight = _grow(stage.weight, out_channels + len(layout), stage.weight.shape[1])
-        for pos, j in enumerate(layout):
-            if j is not None:
-                weight[(out_channels + pos, self.signals.source[j]) + taps] = self.signals.sign[j]
-        bias = _grow_vector(stage.bias, out_channels + len(layout))
-        return self._emit_conv(stage, x, weight, bias, 1, stage.output), layout
+        weight = self._grown(stage.weight, out_channels + len(layout), stage.weight.shape[1])
+        positions, signals = _present(layout)
+        weight[(out_channels + positions, self._source(signals)) + taps] = self._cast(self._sign(signals))
+        return self._emit_conv(stage, x, weight, _grow_vector(stage.bias, weight.shape[0]), 1), layout
 
-    def _carry(self, stage: Stage, value: Value, layout: Layout, next_stage: Stage | None) -> tuple[Value, Layout]:
-        taps = dirac_tap(stage.conv)
-        out_channels, in_per_group = stage.weight.shape[0], stage.weight.shape[1]
-        if stage.groups == 1:
-            new_layout = _layout_for(self.signals.count, next_stage)
-            weight = _grow(stage.weight, out_channels + len(new_layout), in_per_group + len(layout))
-            position = {j: p for p, j in enumerate(layout) if j is not None}
-            for pos, j in enumerate(new_layout):
-                if j is not None:
-                    weight[(out_channels + pos, in_per_group + position[j]) + taps] = 1.0
-            bias = _grow_vector(stage.bias, out_channels + len(new_layout))
-            return self._emit_conv(stage, value, weight, bias, 1, stage.output), new_layout
-        out_per_group = out_channels // stage.groups
-        if len(layout) % in_per_group or any(j is not None and p % in_per_group >= out_per_group
-                                             for p, j in enumerate(layout)):
-            raise SiteRefusal(f"{stage.conv.name} is grouped ({in_per_group} in, {out_per_group} out per group) and "
-                              "its input's reserved channels do not fill its groups (two grouped convs of different "
-                              "widths in a row)")
-        extra = len(layout) // in_per_group
-        new_layout: Layout = []
-        for g in range(extra):
-            group = layout[g * in_per_group:(g + 1) * in_per_group]
-            new_layout += [group[u] if u < in_per_group else None for u in range(out_per_group)]
-        weight = _grow(stage.weight, out_channels + extra * out_per_group, in_per_group)
-        for pos, j in enumerate(new_layout):
-            if j is not None:
-                weight[(out_channels + pos, pos % out_per_group) + taps] = 1.0
-        bias = _grow_vector(stage.bias, out_channels + len(new_layout))
-        if next_stage is not None and next_stage.groups != 1 and next_stage.weight.shape[1] != out_per_group:
-            raise SiteRefusal(f"{stage.conv.name} and {next_stage.conv.name} are grouped convs of different widths in "
-                              "a row; the reserved channels cannot be regrouped between them")
-        out = self._emit_conv(stage, value, weight, bias, stage.groups + extra, stage.output)
+    def _carry_dense(self, stage: Stage, value: Value, taps, layout: Layout, new_layout: Layout):
+        out_channels, in_channels = stage.weight.shape[0], stage.weight.shape[1]
+        weight = self._grown(stage.weight, out_channels + len(new_layout), in_channels + len(layout))
+        where = {j: p for p, j in enumerate(layout) if j is not None}
+        positions, signals = _present(new_layout)
+        inputs = torch.tensor([where[j] for j in signals.tolist()], dtype=torch.long)
+        weight[(out_channels + positions, in_channels + inputs) + taps] = 1
+        out = self._emit_conv(stage, value, weight, _grow_vector(stage.bias, weight.shape[0]), 1)
         return out, new_layout
 
-    def _merge(self, stage: Stage, value: Value, layout: Layout) -> Value:
-        if stage.groups != 1:
-            raise SiteRefusal(f"the last conv {stage.conv.name} is grouped ({stage.groups} groups); its groups cannot "
-                              "read the reserved channels to merge the shortcut")
-        taps = dirac_tap(stage.conv)
+    def _carry_grouped(self, stage: Stage, value: Value, taps, layout: Layout, slots: Slots):
+        """Reserved channels as whole extra groups: slot position u < min(in, out) carries input u."""
+        if len(layout) % slots.width_in or any(j is not None and p % slots.width_in >= slots.width_out
+                                               for p, j in enumerate(layout)):
+            raise SiteRefusal(f"the reserved channels reaching {stage.conv.name} do not fill its groups")
+        extra = len(layout) // slots.width_in
+        new_layout: Layout = []
+        for g in range(extra):
+            group = layout[g * slots.width_in:(g + 1) * slots.width_in]
+            new_layout += [group[u] if u < slots.width_in else None for u in range(slots.width_out)]
+        out_channels = stage.weight.shape[0]
+        weight = self._grown(stage.weight, out_channels + len(new_layout), slots.width_in)
+        positions, _ = _present(new_layout)
+        weight[(out_channels + positions, positions % slots.width_out) + taps] = 1
+        out = self._emit_conv(stage, value, weight, _grow_vector(stage.bias, weight.shape[0]), stage.groups + extra)
+        return out, new_layout
+
+    def _merge(self, stage: Stage, value: Value, taps, layout: Layout) -> Value:
+        """Extra input columns: reserved channel p enters through the shortcut's matrix at the Dirac tap."""
         out_channels, in_channels = stage.weight.shape[0], stage.weight.shape[1]
-        weight = _grow(stage.weight, out_channels, in_channels + len(layout))
-        matrix = self.site.shortcut.matrix
-        for pos, j in enumerate(layout):
-            if j is not None:
-                column = matrix[:, self.signals.source[j]] * self.signals.merge_coefficient(j)
-                weight[(slice(None), in_channels + pos) + taps] = column
-        bias = stage.bias + self.site.shortcut.bias
-        return self._emit_conv(stage, value, weight, bias, 1, stage.output)
+        weight = self._grown(stage.weight, out_channels, in_channels + len(layout))
+        positions, signals = _present(layout)
+        columns = self.site.shortcut.matrix[:, self._source(signals)] * self._sign(signals)  # (out, present)
+        weight[(slice(None), in_channels + positions) + taps] = self._cast(columns)
+        return self._emit_conv(stage, value, weight, stage.bias + self.site.shortcut.bias, 1)
+
+    def _source(self, signals: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(self.signals.source, dtype=torch.long)[signals]
+
+    def _sign(self, signals: torch.Tensor) -> torch.Tensor:
+        # the reserve writes sign * x; the merge reads x = relu(x) - relu(-x), the same signs
+        return torch.tensor(self.signals.sign, dtype=torch.float64)[signals]
 
     # -- activations ----------------------------------------------------------------------
     def _activation(self, node: Node, value: Value, channels: int, layout: Layout) -> Value:
@@ -259,31 +290,44 @@ class BlockBuilder:
         out.dtype = node.output.dtype
         return out
 
-    # -- emission -------------------------------------------------------------------------
-    def _emit_conv(self, stage: Stage, value: Value, weight: torch.Tensor, bias: torch.Tensor, groups: int,
-                   like: Value) -> Value:
-        conv = stage.conv
+    # -- tensors and emission ---------------------------------------------------------------
+    def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(dtype=self.first_weight.dtype)
+
+    def _grown(self, weight: torch.Tensor, out_channels: int, in_channels: int) -> torch.Tensor:
+        """Zeros of the new size in the model's dtype, with the float64 `weight` cast into its corner.
+
+        Zeros and the Dirac ones are exact in any dtype, so only the computed entries need float64,
+        and each is cast once, as if the whole tensor had been built in float64.
+        """
+        grown = torch.zeros((out_channels, in_channels) + tuple(weight.shape[2:]), dtype=self.first_weight.dtype)
+        grown[:weight.shape[0], :weight.shape[1]] = self._cast(weight)
+        return grown
+
+    def _emit_conv(self, stage: Stage, value: Value, weight: torch.Tensor, bias: torch.Tensor, groups: int) -> Value:
+        conv, like = stage.conv, stage.output
         ref = conv.params["weight"]
         attrs = dict(conv.attrs, groups=groups)
-        out = self.ctx.op("conv", value, params={"weight": self.ctx.param(weight, ref),
-                                                 "bias": self.ctx.param(bias, ref)},
-                          name=conv.name, **attrs)
+        params = {"weight": weight.to(ref.device), "bias": self.ctx.param(bias, ref)}
+        out = self.ctx.op("conv", value, params=params, name=conv.name, **attrs)
         out.producer.scope = conv.scope
         out.shape = _shape_with_channels(like, weight.shape[0], self.spatial_dims)
         out.dtype = like.dtype
         before = _numel(conv.params["weight"], conv.params.get("bias"))
         before += sum(_numel(bn.params.get("weight"), bn.params.get("bias")) for bn in stage.bns)
-        self.costs.append(ConvCost(conv.name, stage.weight.shape[0], weight.shape[0], before, weight.numel() + bias.numel(),
+        self.costs.append(ConvCost(conv.name, stage.weight.shape[0], weight.shape[0], before,
+                                   weight.numel() + bias.numel(),
                                    _conv_flops(like, tuple(stage.weight.shape), self.spatial_dims),
                                    _conv_flops(out, tuple(weight.shape), self.spatial_dims)))
         return out
 
 
-def _grow(weight: torch.Tensor, out_channels: int, in_channels: int) -> torch.Tensor:
-    """A zero float64 weight of the new size with `weight` in its top-left corner."""
-    grown = torch.zeros((out_channels, in_channels) + tuple(weight.shape[2:]), dtype=torch.float64)
-    grown[:weight.shape[0], :weight.shape[1]] = weight
-    return grown
+def _present(layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions in a layout that hold a signal, and those signals, as index tensors."""
+    pairs = [(p, j) for p, j in enumerate(layout) if j is not None]
+    positions = torch.tensor([p for p, _ in pairs], dtype=torch.long)
+    signals = torch.tensor([j for _, j in pairs], dtype=torch.long)
+    return positions, signals
 
 
 def _grow_vector(vector: torch.Tensor, size: int) -> torch.Tensor:
