@@ -18,16 +18,34 @@ __all__ = ["OnnxFrontend", "load_onnx", "save_onnx", "import_onnx", "export_onnx
 
 
 def _inferred(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A shape-inferred copy (the input is left alone); the model itself when it is too big to infer in memory."""
-    if model.ByteSize() >= PROTOBUF_LIMIT:
-        return model
+    """A shape-inferred copy of `model` (left alone), value_info only: the weights are not copied."""
+    light = onnx.ModelProto()
+    for field in ("ir_version", "opset_import", "functions", "domain"):
+        if field == "opset_import" or field == "functions":
+            getattr(light, field).extend(getattr(model, field))
+        else:
+            setattr(light, field, getattr(model, field))
+    graph = light.graph
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    graph.value_info.extend(model.graph.value_info)
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.raw_data) > 4096:
+            # Inference needs the shape of a big weight, never its values.
+            stub = graph.initializer.add()
+            stub.name, stub.data_type = tensor.name, tensor.data_type
+            stub.dims.extend(tensor.dims)
+        else:
+            graph.initializer.append(tensor)
     try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:  # inference is a help for shapes, not a requirement
+        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
+    except Exception:  # inference helps with shapes; it is not a requirement
         return model
+    return inferred
 
 
-def _concrete_sizes(model: onnx.ModelProto, example_inputs) -> dict[tuple[str, int], int]:
+def _symbol_sizes(model: onnx.ModelProto, example_inputs) -> dict[str, int]:
     """Sizes for the symbolic dims of graph inputs: from example inputs, else SYMBOLIC_DIM for a leading (batch) dim."""
     initializers = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
@@ -37,16 +55,16 @@ def _concrete_sizes(model: onnx.ModelProto, example_inputs) -> dict[tuple[str, i
     elif example_inputs is not None:
         items = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         examples = {i.name: t for i, t in zip(inputs, items)}
-    sizes = {}
+    sizes: dict[str, int] = {}
     for value in inputs:
         example = examples.get(value.name)
         for axis, dim in enumerate(value.type.tensor_type.shape.dim):
-            if dim.HasField("dim_value"):
+            if dim.HasField("dim_value") or not dim.dim_param:
                 continue
             if example is not None and hasattr(example, "shape") and axis < len(example.shape):
-                sizes[(value.name, axis)] = int(example.shape[axis])
+                sizes[dim.dim_param] = int(example.shape[axis])
             elif axis == 0:
-                sizes[(value.name, axis)] = SYMBOLIC_DIM
+                sizes.setdefault(dim.dim_param, SYMBOLIC_DIM)
     return sizes
 
 
@@ -54,31 +72,16 @@ def _concretize_shapes(graph: Graph, model: onnx.ModelProto, example_inputs) -> 
     """Value shapes for the passes: concrete ints (like the torch frontend's) or None.
 
     The importer decides on the symbolic shapes; passes see the shapes of one concrete run
-    (symbolic dims fixed from example inputs, or a batch of SYMBOLIC_DIM). A value whose shape
-    still depends on an unfixed symbol gets None, so passes refuse rather than guess.
+    (symbols fixed from example inputs, or a leading batch symbol of SYMBOLIC_DIM). A value
+    whose shape still depends on an unfixed symbol gets None, so passes refuse rather than guess.
     """
-    sizes = _concrete_sizes(model, example_inputs)
-    if sizes and model.ByteSize() < PROTOBUF_LIMIT:
-        fixed = onnx.ModelProto()
-        fixed.CopyFrom(model)
-        for value in fixed.graph.input:
-            for axis, dim in enumerate(value.type.tensor_type.shape.dim):
-                if (value.name, axis) in sizes:
-                    dim.Clear()
-                    dim.dim_value = sizes[(value.name, axis)]
-        inferred = _inferred(fixed).graph
-        known = {}
-        for info in list(inferred.input) + list(inferred.value_info) + list(inferred.output):
-            dims = info.type.tensor_type.shape.dim
-            if info.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
-                known[info.name] = tuple(d.dim_value for d in dims)
-    else:
-        known = {}
-    values = list(graph.inputs) + [v for node in graph.nodes if node.kind != "constant" for v in node.outputs]
+    sizes = _symbol_sizes(model, example_inputs)
+    values = list(graph.inputs) + [v for node in graph.nodes for v in node.outputs]
     for value in values:
-        if value.shape is not None and all(isinstance(d, int) for d in value.shape):
+        if value.shape is None or all(isinstance(d, int) for d in value.shape):
             continue
-        value.shape = known.get(value.name)
+        dims = tuple(sizes.get(d) if isinstance(d, str) else d for d in value.shape)
+        value.shape = dims if all(isinstance(d, int) for d in dims) else None
 
 
 def import_onnx(model_or_path: Any, example_inputs=None) -> Graph:

@@ -230,18 +230,20 @@ class OnnxEmitter:
         if hasattr(graph, "metadata_props"):
             del graph.metadata_props[:]
             graph.metadata_props.extend(original.graph.metadata_props)
-        model = onnx.ModelProto()
-        model.ir_version = original.ir_version
-        model.opset_import.extend(original.opset_import)
-        model.producer_name = original.producer_name
-        model.producer_version = original.producer_version
-        model.domain = original.domain
-        model.model_version = original.model_version
-        model.doc_string = original.doc_string
-        model.metadata_props.extend(original.metadata_props)
-        model.functions.extend(original.functions)
-        model.graph.CopyFrom(graph)
-        return model
+        # The model around the graph, from the original (edited in place: the graph is not copied again).
+        exported.ir_version = original.ir_version
+        del exported.opset_import[:]
+        exported.opset_import.extend(original.opset_import)
+        exported.producer_name = original.producer_name
+        exported.producer_version = original.producer_version
+        exported.domain = original.domain
+        exported.model_version = original.model_version
+        exported.doc_string = original.doc_string
+        del exported.metadata_props[:]
+        exported.metadata_props.extend(original.metadata_props)
+        del exported.functions[:]
+        exported.functions.extend(original.functions)
+        return exported
 
 
 def _keep_value_info(graph: onnx.GraphProto, original: onnx.GraphProto) -> None:

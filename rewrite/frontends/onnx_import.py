@@ -125,7 +125,8 @@ class OnnxImporter:
     def __init__(self, model: onnx.ModelProto, inferred: onnx.ModelProto, source: str):
         self.model = model
         self.source = source
-        self.gs_graph = gs.import_onnx(inferred)
+        self.gs_graph = gs.import_onnx(model)
+        _add_inferred_types(self.gs_graph, inferred)
         self.graph = Graph()
         self.env: dict[str, Value] = {}
         self.init_values: dict[str, torch.Tensor] = {}
@@ -255,6 +256,21 @@ class OnnxImporter:
                          num_outputs=len(gs_node.outputs))
         node.origin.captures = captures
         return node
+
+
+def _add_inferred_types(gs_graph, inferred: onnx.ModelProto) -> None:
+    """Give gs Variables without a declared type the inferred one (the inferred model has no weights)."""
+    infos = {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    for tensor in gs_graph.tensors().values():
+        info = infos.get(tensor.name)
+        if info is None or not isinstance(tensor, gs.Variable) or tensor.shape is not None:
+            continue
+        tensor_type = info.type.tensor_type
+        if not tensor_type.HasField("shape"):
+            continue
+        tensor.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim]
+        if tensor.dtype is None and tensor_type.elem_type:
+            tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
 
 
 def default_opset(model: onnx.ModelProto) -> int:
