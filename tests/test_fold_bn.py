@@ -253,3 +253,28 @@ def test_deep_stack_float64_is_exact():
     result = check_pass("fold_bn", model, torch.randn(1, 4, 8, 8), dtype=torch.float64)
     assert result.max_rel <= 1e-10
     assert count(result.model, nn.BatchNorm2d) == 0
+
+
+# -- random small networks ----------------------------------------------------------------------
+from rewrite.testing import random_networks  # noqa: E402
+
+
+@settings(max_examples=30)
+@given(case=random_networks())
+def test_fold_bn_keeps_random_networks_equivalent(case):
+    model, x = case
+    result = check_pass("fold_bn", model, x, expect_rewrite=False)
+    # Each conv step's output is read only by its own BN, so each of those must fold (a "bn" step
+    # straight after may fold as well).
+    folded = result.report["fold_bn"].result.counts["fold_bn_into_conv"]
+    assert folded >= model.kinds.count("conv")
+    if "bn" not in model.kinds:
+        assert folded == model.kinds.count("conv")
+
+
+@settings(max_examples=20)
+@given(case=random_networks())
+def test_cleanup_keeps_random_networks_equivalent(case):
+    model, x = case
+    result = check_pass("cleanup", model, x, expect_rewrite=False)
+    assert "identity" not in {n.kind for n in rewrite.frontends.fx.import_module(result.model).nodes}
