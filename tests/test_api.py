@@ -153,3 +153,24 @@ def test_training_mode_model_keeps_training_semantics():
     assert torch.allclose(out(x), expected, atol=1e-6)
     assert out.training
     model.load_state_dict(before)
+
+
+class OptionalMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x, mask=None):
+        y = self.bn(self.conv(x))
+        if mask is not None:
+            y = y * mask
+        return y
+
+
+def test_optional_arguments_with_concrete_args():
+    model = randomize_bn(OptionalMask()).eval()
+    out = rewrite.apply(model, ["fold_bn"], concrete_args={"mask": None})
+    x = torch.randn(2, 3, 4, 4)
+    assert torch.allclose(out(x), model(x), rtol=1e-5, atol=1e-6)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in out.modules())
