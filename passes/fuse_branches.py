@@ -81,8 +81,8 @@ def _merge_group(group: list[Branch], layout: Layout, shifts: list[torch.Tensor]
 def _feeds_a_sum(graph: Graph, add: Node) -> bool:
     """The outermost add of a nested sum does the work, so inner ones wait for it."""
     value = add.output
-    while graph.external_uses(value) == 1:
-        reader = value.users[0]
+    while len(value.uses) == 1 and not graph.is_output(value):
+        reader = value.uses[0][0]
         if reader.kind == "add":
             return True
         if reader.kind != "identity" and not (reader.kind == "dropout" and not reader.attrs.get("training")):
@@ -91,17 +91,22 @@ def _feeds_a_sum(graph: Graph, add: Node) -> bool:
     return False
 
 
+def _computed_product(branch: Branch) -> bool:
+    node = branch.term.leaf.producer
+    return branch.kind == "identity" and node is not None and node.kind == "mul" and not any(
+        i.producer is not None and i.producer.kind == "constant" for i in node.inputs)
+
+
 def _obstacles(graph: Graph, branches: list[Branch], bases: set[int]) -> list[str]:
     reasons = []
+    gated = [b for b in branches if _computed_product(b)]
+    if len(gated) > 1:
+        # Several branches each times a computed factor (selective kernels): what they read is shared.
+        bases = bases | {id(unaliased(v)) for b in gated for i in b.term.leaf.producer.inputs
+                         if i.producer is not None for v in i.producer.inputs}
     for b in branches:
         if b.kind != "identity":
             continue
-        node = b.term.leaf.producer
-        if node is not None and node.kind == "mul" and len(node.inputs) == 2 and not any(
-                i.producer is not None and i.producer.kind == "constant" for i in node.inputs):
-            # A factor computed from the same input as the branch it scales: input-dependent weights.
-            bases = bases | {id(unaliased(v)) for i in node.inputs if i.producer is not None
-                             for v in i.producer.inputs}
         why = obstacle(graph, b.term.leaf, bases)
         if why and why not in reasons:
             reasons.append(why)
