@@ -210,10 +210,13 @@ class OnnxEmitter:
             target = graph.node[index]
             del target.attribute[:]
             target.attribute.extend(proto.attribute)
-            target.domain = proto.domain
-            target.doc_string = proto.doc_string
-            if hasattr(proto, "overload"):
-                target.overload = proto.overload
+            for field in ("domain", "doc_string", "overload"):
+                if field not in proto.DESCRIPTOR.fields_by_name:
+                    continue
+                if proto.HasField(field):  # proto2: an empty string set is not the same bytes as unset
+                    setattr(target, field, getattr(proto, field))
+                else:
+                    target.ClearField(field)
             del target.metadata_props[:]
             target.metadata_props.extend(proto.metadata_props)
         present = {t.name for t in graph.initializer}

@@ -353,9 +353,12 @@ def _conv(imp: OnnxImporter, gs_node, proto) -> Node | None:
 
 
 def _batch_norm(imp, gs_node, proto) -> Node | None:
-    if len(gs_node.inputs) != 5 or len(proto.output) != 1:
-        return None  # training-mode BN with running-statistics outputs stays as it is
     a = gs_node.attrs
+    training = bool(a.get("training_mode", 0))
+    if len(gs_node.inputs) != 5 or (len(proto.output) != 1 and not training):
+        return None
+    # Training mode (opset 14+) also outputs the updated statistics; kept as a batch_norm with
+    # training=True and those outputs, so fold_bn can say why it leaves it alone.
     if imp.opset < 9 and not a.get("spatial", 1):
         return None
     if imp.opset < 7:
@@ -365,10 +368,11 @@ def _batch_norm(imp, gs_node, proto) -> Node | None:
         return None
     # epsilon is a float32 attribute; the runtime adds exactly that float32 value.
     attrs = {"eps": float(np.float32(a.get("epsilon", 1e-5))), "momentum": 1.0 - float(a.get("momentum", 0.9)),
-             "training": bool(a.get("training_mode", 0))}
+             "training": training}
     params = {"running_mean": mean, "running_var": var, "weight": scale, "bias": shift}
     slots = [In(0)] + [imp.orig(t) for t in gs_node.inputs[1:]]
-    return imp.make("batch_norm", gs_node, proto, [_data(imp, gs_node.inputs[0])], slots, attrs, params)
+    return imp.make("batch_norm", gs_node, proto, [_data(imp, gs_node.inputs[0])], slots, attrs, params,
+                    num_outputs=len(gs_node.outputs))
 
 
 def _gemm(imp, gs_node, proto) -> Node | None:
