@@ -77,7 +77,7 @@ def check_onnx(model: onnx.ModelProto, source=None) -> None:
 def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> Path:
     """Write `model` to `path` atomically. Over 2 GB (or when asked), weights go to `<name>.data` beside it.
 
-    `model` is not changed: external-data conversion happens on a copy.
+    `model` is not changed: external data is written from a copy.
     """
     path = Path(os.fspath(path))
     directory = path.parent if str(path.parent) else Path(".")
@@ -94,10 +94,9 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, external_data: bo
             # The data file is written under a temporary name too, then both are moved into place.
             tmp_data = tmp + ".data"
             copy = onnx.ModelProto()
-            copy.CopyFrom(model)
-            onnx.external_data_helper.convert_model_to_external_data(
-                copy, all_tensors_to_one_file=True, location=os.path.basename(tmp_data), size_threshold=1024)
-            onnx.save_model(copy, tmp)
+            copy.CopyFrom(model)  # save_model moves the tensors of the model it is given to external data
+            onnx.save_model(copy, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=os.path.basename(tmp_data), size_threshold=0)
             _relocate_external_data(tmp, data_name)
             os.replace(tmp_data, directory / data_name)
             tmp_data = None
@@ -126,14 +125,15 @@ def _relocate_external_data(model_path: str, location: str) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """The message on one line (checker messages span several), kept short."""
+    text = " ".join(str(exc).split())
+    return (text[:400] + " ...") if len(text) > 400 else (text or type(exc).__name__)
 
 
 def _node_in(message: str) -> str | None:
     """The node a checker message is about, when it says."""
-    found = re.search(r"node(?: \(|: |\s)\s*([^\s)]+)", message, re.IGNORECASE)
-    if found:
-        return found.group(1).strip("'\"")
-    found = re.search(r"Node\s*\(([^)]*)\)", message)
-    return found.group(1) if found else None
+    for pattern in (r"name:\s*(\S+)\s+OpType", r"node name:\s*([^\s)]+)", r"Node \(([^)]+)\)"):
+        found = re.search(pattern, message)
+        if found:
+            return found.group(1).strip("'\"")
+    return None
