@@ -17,9 +17,14 @@ from rewrite.patterns import bn_conv, conv_bn, conv_scale, conv_shift, linear_bn
 
 
 def _rebuilt(ctx, conv, x: Value, weight: torch.Tensor, bias: torch.Tensor, like: Value) -> Value:
-    """A copy of `conv` (same kind and attributes) with new float64-computed weight and bias."""
+    """A copy of `conv` (same kind and attributes) with a new weight and a new float64-computed bias.
+
+    A weight already in the parameter's dtype and device (from `scaled_weight`) is used as it is.
+    """
     ref = conv.params["weight"]
-    return ctx.op(conv.kind, x, params={"weight": ctx.param(weight, ref), "bias": ctx.param(bias, ref)},
+    if weight.dtype != ref.dtype or weight.device != ref.device:
+        weight = ctx.param(weight, ref)
+    return ctx.op(conv.kind, x, params={"weight": weight, "bias": ctx.param(bias, ref)},
                   like=like, named_after=conv, **conv.attrs)
 
 

@@ -11,7 +11,8 @@ from .ir import Node
 
 
 def f64(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.detach().to(device="cpu", dtype=torch.float64)
+    """A fresh float64 CPU copy (a copy even when `t` is float64 already: results must never alias inputs)."""
+    return None if t is None else t.detach().to(device="cpu", dtype=torch.float64, copy=True)
 
 
 def cast_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -174,3 +174,22 @@ def test_optional_arguments_with_concrete_args():
     x = torch.randn(2, 3, 4, 4)
     assert torch.allclose(out(x), model(x), rtol=1e-5, atol=1e-6)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in out.modules())
+
+
+def test_float64_results_share_no_storage_with_the_input():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    model = randomize_bn(model).eval().double()
+
+    class Shifted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = model
+            self.register_buffer("shift", torch.randn(1, 2, 1, 1, dtype=torch.float64))
+
+        def forward(self, x):
+            return self.body(x) + self.shift
+
+    wrapped = Shifted().eval()
+    out = rewrite.apply(wrapped, ["fold_bn"])
+    inputs = {t.untyped_storage().data_ptr() for t in list(wrapped.parameters()) + list(wrapped.buffers())}
+    assert not inputs & {t.untyped_storage().data_ptr() for t in out.parameters()}
