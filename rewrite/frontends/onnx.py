@@ -11,7 +11,7 @@ from ..ir import Graph
 from . import Frontend
 from .onnx_export import emit_model
 from .onnx_import import OnnxImporter
-from .onnx_io import PROTOBUF_LIMIT, check_onnx, describe, load_onnx, save_onnx
+from .onnx_io import check_onnx, describe, load_onnx, save_onnx, weightless_copy
 from .onnx_verify import SYMBOLIC_DIM, random_inputs, verify_onnx
 
 __all__ = ["OnnxFrontend", "load_onnx", "save_onnx", "import_onnx", "export_onnx", "verify_onnx", "random_inputs"]
@@ -19,25 +19,7 @@ __all__ = ["OnnxFrontend", "load_onnx", "save_onnx", "import_onnx", "export_onnx
 
 def _inferred(model: onnx.ModelProto) -> onnx.ModelProto:
     """A shape-inferred copy of `model` (left alone), value_info only: the weights are not copied."""
-    light = onnx.ModelProto()
-    for field in ("ir_version", "opset_import", "functions", "domain"):
-        if field == "opset_import" or field == "functions":
-            getattr(light, field).extend(getattr(model, field))
-        else:
-            setattr(light, field, getattr(model, field))
-    graph = light.graph
-    graph.node.extend(model.graph.node)
-    graph.input.extend(model.graph.input)
-    graph.output.extend(model.graph.output)
-    graph.value_info.extend(model.graph.value_info)
-    for tensor in model.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.raw_data) > 4096:
-            # Inference needs the shape of a big weight, never its values.
-            stub = graph.initializer.add()
-            stub.name, stub.data_type = tensor.name, tensor.data_type
-            stub.dims.extend(tensor.dims)
-        else:
-            graph.initializer.append(tensor)
+    light = weightless_copy(model, keep_dims=True)  # inference needs a weight's shape, never its values
     try:
         inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
     except Exception:  # inference helps with shapes; it is not a requirement

@@ -29,6 +29,55 @@ def approx_size(model: onnx.ModelProto) -> int:
     return total + 4 * len(model.graph.node) * 64
 
 
+BIG_TENSOR = 4096  # bytes; tensors above this are stubbed in the weightless copies below
+
+
+def weightless_copy(model: onnx.ModelProto, keep_dims: bool) -> onnx.ModelProto:
+    """The model without its big weights, for the checker and shape inference (which copy whatever they get).
+
+    keep_dims=True keeps each big initializer's name, type and dims with no data (enough for shape
+    inference); False replaces it by a one-element tensor of the same type (enough for the checker,
+    which wants exactly one data field but does not relate initializer dims to the nodes).
+    """
+    light = onnx.ModelProto()
+    for field in ("ir_version", "domain", "producer_name", "model_version"):
+        setattr(light, field, getattr(model, field))
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    graph, source = light.graph, model.graph
+    graph.name = source.name
+    graph.node.extend(source.node)
+    graph.input.extend(source.input)
+    graph.output.extend(source.output)
+    graph.value_info.extend(source.value_info)
+    graph.sparse_initializer.extend(source.sparse_initializer)
+    for tensor in source.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL and len(tensor.raw_data) <= BIG_TENSOR:
+            graph.initializer.append(tensor)
+            continue
+        stub = graph.initializer.add()
+        stub.name, stub.data_type = tensor.name, tensor.data_type
+        if keep_dims:
+            stub.dims.extend(tensor.dims)
+        else:
+            stub.dims.append(1)
+            stub.raw_data = b"\0" * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return light
+
+
+def _check_big_tensors(model: onnx.ModelProto, where: str) -> None:
+    """What the checker would have seen of the stubbed tensors: data that fits their dims."""
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.raw_data) <= BIG_TENSOR:
+            continue
+        expected = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        for d in tensor.dims:
+            expected *= d
+        if len(tensor.raw_data) != expected:
+            raise ModelLoadError(f"initializer {tensor.name!r} holds {len(tensor.raw_data)} bytes, its dims "
+                                 f"{list(tensor.dims)} need {expected}", where=where)
+
+
 def describe(source) -> str:
     """How errors name a model: its path, or 'ModelProto <graph name>'."""
     if isinstance(source, (str, os.PathLike)):
@@ -64,14 +113,12 @@ def check_onnx(model: onnx.ModelProto, source=None) -> None:
         raise ModelLoadError(f"unsupported IR version {model.ir_version} (this onnx {onnx.__version__} reads "
                              f"{MIN_IR_VERSION}..{onnx.IR_VERSION})", where=where)
     try:
-        if approx_size(model) < PROTOBUF_LIMIT:
-            onnx.checker.check_model(model)
-        elif isinstance(source, (str, os.PathLike)):
-            onnx.checker.check_model(os.fspath(source))  # the checker reads big models from their path
+        onnx.checker.check_model(weightless_copy(model, keep_dims=False))
     except onnx.checker.ValidationError as exc:
         node = _node_in(str(exc))
         raise ModelLoadError(f"the model fails onnx.checker: {_first_line(exc)}",
                              where=where + (f", node {node}" if node else "")) from None
+    _check_big_tensors(model, where)
 
 
 def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> Path:
