@@ -6,7 +6,7 @@ from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from ..errors import RewriteError
 from ..ir import Graph
@@ -27,6 +27,29 @@ def preserved_buffers(module: torch.nn.Module):
                 buffer.copy_(copy)
 
 
+class _ShapeRecorder(fx.Interpreter):
+    """Runs the traced graph once and records each tensor's shape and dtype in node.meta.
+
+    (torch's ShapeProp does the same but prints a traceback of its own when the model fails.)
+    """
+
+    failure: RewriteError | None = None
+
+    def run_node(self, n: fx.Node):
+        try:
+            result = super().run_node(n)
+        except Exception as exc:
+            if self.failure is None:  # the innermost failing node names the place
+                place = f"module '{n.target}'" if n.op == "call_module" else f"node {n.name} ({n.target})"
+                cause = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                self.failure = RewriteError(
+                    f"the model does not run on the example inputs: {type(exc).__name__}: {cause}", where=place)
+            raise
+        if isinstance(result, torch.Tensor):
+            n.meta["tensor_meta"] = _extract_tensor_metadata(result)
+        return result
+
+
 def as_tuple(example_inputs) -> tuple:
     if example_inputs is None:
         return ()
@@ -42,10 +65,13 @@ def import_module(module: torch.nn.Module, example_inputs=None, concrete_args: d
     inputs = as_tuple(example_inputs)
     if inputs:
         gm = fx.GraphModule(module, fx_graph)
+        recorder = _ShapeRecorder(gm)
         try:
             with preserved_buffers(module), torch.no_grad():
-                ShapeProp(gm).propagate(*inputs)
+                recorder.run(*inputs)
         except Exception as exc:
+            if recorder.failure is not None:
+                raise recorder.failure from None
             raise RewriteError(f"the model does not run on the example inputs: {type(exc).__name__}: {exc}",
                                where=f"model {type(module).__name__}") from None
     return FxImporter(module, fx_graph).run()

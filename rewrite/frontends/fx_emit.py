@@ -194,6 +194,36 @@ def _torch_pad(pads) -> list[int]:
     return out
 
 
+_TEMPLATES: dict[type, nn.Module] = {}
+
+
+def _blank(cls: type, **attrs) -> nn.Module:
+    """A new module of `cls` with the given attributes, without running its weight initialisation.
+
+    Building a conv runs a kaiming init we throw away at once; on large models that was most of the
+    emission time. A blank is a fresh instance sharing no container with the cached template.
+    """
+    template = _TEMPLATES.get(cls)
+    if template is None:
+        template = _TEMPLATES[cls] = cls(1, 1, 1) if cls is not nn.Linear else cls(1, 1)
+    module = cls.__new__(cls)
+    module.__dict__.update({k: (v.copy() if isinstance(v, (dict, set)) else v) for k, v in template.__dict__.items()})
+    module._parameters = {}
+    for key, value in attrs.items():
+        setattr(module, key, value)
+    return module
+
+
+def _conv_module(cls: type, weight: torch.Tensor, bias: torch.Tensor | None, in_channels: int, out_channels: int,
+                 **attrs) -> nn.Module:
+    kernel = tuple(weight.shape[2:])
+    module = _blank(cls, in_channels=in_channels, out_channels=out_channels, kernel_size=kernel, **attrs)
+    # What _ConvNd.__init__ derives for padding modes other than zeros.
+    module._reversed_padding_repeated_twice = [p for p in reversed(module.padding) for _ in range(2)]
+    _set_weights(module, weight, bias)
+    return module
+
+
 def _emit_conv(e: FxEmitter, node: Node, inputs):
     weight, bias = node.params["weight"], node.params.get("bias")
     a = node.attrs
@@ -205,19 +235,15 @@ def _emit_conv(e: FxEmitter, node: Node, inputs):
         x = e.call(F.pad, x, _torch_pad(pads), mode="constant" if mode == "zeros" else mode)
         pads, mode = ((0, 0),) * dims, "zeros"
     groups = a["groups"]
-    # Built with one channel per group so its throw-away initialisation is cheap, then given the real ones.
-    conv = _CONV_CLASSES[dims](groups, groups, tuple(weight.shape[2:]), stride=a["stride"],
-                               padding=tuple(p[0] for p in pads), dilation=a["dilation"], groups=groups,
-                               bias=bias is not None, padding_mode=mode)
-    conv.in_channels, conv.out_channels = weight.shape[1] * groups, weight.shape[0]
-    _set_weights(conv, weight, bias)
+    conv = _conv_module(_CONV_CLASSES[dims], weight, bias, weight.shape[1] * groups, weight.shape[0],
+                        stride=tuple(a["stride"]), padding=tuple(p[0] for p in pads), dilation=tuple(a["dilation"]),
+                        groups=groups, padding_mode=mode, transposed=False, output_padding=(0,) * dims)
     return e.fx_graph.call_module(e.new_module(node, conv), (x,))
 
 
 def _set_weights(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    module.weight = nn.Parameter(weight.detach(), requires_grad=weight.requires_grad or weight.is_floating_point())
-    if bias is not None:
-        module.bias = nn.Parameter(bias.detach(), requires_grad=bias.requires_grad or bias.is_floating_point())
+    module.weight = nn.Parameter(weight.detach())
+    module.bias = nn.Parameter(bias.detach()) if bias is not None else None
 
 
 def _emit_conv_transpose(e: FxEmitter, node: Node, inputs):
@@ -227,19 +253,16 @@ def _emit_conv_transpose(e: FxEmitter, node: Node, inputs):
     if not _symmetric(a["padding"]):
         raise RewriteError("asymmetric conv_transpose padding has no torch module form", where=f"node {node.name}")
     groups = a["groups"]
-    conv = _CONV_T_CLASSES[dims](groups, groups, tuple(weight.shape[2:]),
-                                 stride=a["stride"], padding=tuple(p[0] for p in a["padding"]),
-                                 output_padding=a["output_padding"], groups=groups, bias=bias is not None,
-                                 dilation=a["dilation"])
-    conv.in_channels, conv.out_channels = weight.shape[0], weight.shape[1] * groups
-    _set_weights(conv, weight, bias)
+    conv = _conv_module(_CONV_T_CLASSES[dims], weight, bias, weight.shape[0], weight.shape[1] * groups,
+                        stride=tuple(a["stride"]), padding=tuple(p[0] for p in a["padding"]),
+                        output_padding=tuple(a["output_padding"]), groups=groups, dilation=tuple(a["dilation"]),
+                        padding_mode="zeros", transposed=True)
     return e.fx_graph.call_module(e.new_module(node, conv), (inputs[0],))
 
 
 def _emit_linear(e: FxEmitter, node: Node, inputs):
     weight, bias = node.params["weight"], node.params.get("bias")
-    linear = nn.Linear(1, 1, bias=bias is not None)  # cheap throw-away initialisation, then the real weights
-    linear.in_features, linear.out_features = weight.shape[1], weight.shape[0]
+    linear = _blank(nn.Linear, in_features=weight.shape[1], out_features=weight.shape[0])
     _set_weights(linear, weight, bias)
     return e.fx_graph.call_module(e.new_module(node, linear), (inputs[0],))
 
