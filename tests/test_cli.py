@@ -75,3 +75,38 @@ def test_console_script_lists_passes():
     done = subprocess.run([exe, "passes"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0
     assert "fold_bn" in done.stdout and "cleanup" in done.stdout
+
+
+def export_demo_onnx(path):
+    model = default_model()
+    torch.onnx.export(model, (torch.randn(1, 3, 32, 32),), str(path), dynamo=False, do_constant_folding=False,
+                      training=torch.onnx.TrainingMode.PRESERVE, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+
+
+def test_apply_on_an_onnx_file(tmp_path, capsys):
+    import hashlib
+    import onnx
+
+    src, out = tmp_path / "demo.onnx", tmp_path / "demo.fused.onnx"
+    export_demo_onnx(src)
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    assert main(["apply", str(src), "--passes", "fold_bn,cleanup", "-o", str(out), "--verify"]) == 0
+    assert "verified: ok" in capsys.readouterr().out
+    assert hashlib.sha256(src.read_bytes()).hexdigest() == digest
+    fused = onnx.load(str(out))
+    onnx.checker.check_model(fused)
+    ops = [n.op_type for n in fused.graph.node]
+    assert ops.count("BatchNormalization") < [n.op_type for n in onnx.load(str(src)).graph.node].count(
+        "BatchNormalization")
+
+
+def test_truncated_onnx_file_exits_2_and_writes_nothing(tmp_path, capsys):
+    src = tmp_path / "demo.onnx"
+    export_demo_onnx(src)
+    data = src.read_bytes()
+    src.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out.onnx"
+    assert main(["apply", str(src), "-o", str(out)]) == 2
+    assert "demo.onnx" in capsys.readouterr().err
+    assert not out.exists()
