@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from rewrite.ir import Graph, Node, Value
-from rewrite.pass_manager import RulePass, register_pass
+from rewrite.pass_manager import Pass, PassResult, RulePass, register_pass
 from rewrite.patterns.branches import concatenated_branches, linear_cascade, parallel_branches
 from rewrite.rule import rule
 
@@ -249,8 +249,35 @@ def _stack_run(run, layout: Layout, weighted: list[Branch], allow: bool) -> Kern
     return stack_forms(forms, allow)
 
 
-fuse_branches = register_pass(RulePass(
-    "fuse_branches",
-    [fuse_parallel_branches, fuse_concatenated_branches, fuse_linear_cascade, fold_bn_into_conv, fold_bn_into_linear],
-    "merge parallel, concatenated and cascaded linear branches (RepVGG, ACNet, DBB, MobileOne) into one conv",
-))
+class FuseBranchesPass(Pass):
+    """The branch rules first, so BN inside branches is folded once, as the branches are read;
+    then fold_bn's conv->BN rules for BN outside any branch; the branch rules again if those fired."""
+
+    name = "fuse_branches"
+    description = ("merge parallel, concatenated and cascaded linear branches (RepVGG, ACNet, DBB, MobileOne, "
+                   "ExpandNets) into one conv, folding BatchNorm on the way")
+
+    def __init__(self):
+        self.branch_rules = RulePass(self.name, [fuse_parallel_branches, fuse_concatenated_branches,
+                                                 fuse_linear_cascade])
+        self.bn_rules = RulePass(self.name, [fold_bn_into_conv, fold_bn_into_linear])
+
+    def run(self, graph: Graph, options: dict | None = None) -> PassResult:
+        result = PassResult(self.name)
+        _merge(result, self.branch_rules.run(graph, options))
+        folded = self.bn_rules.run(graph, options)
+        _merge(result, folded)
+        if folded.modified:
+            _merge(result, self.branch_rules.run(graph, options))
+        return result
+
+
+def _merge(total: PassResult, part: PassResult) -> None:
+    total.counts.update(part.counts)
+    total.rewritten += part.rewritten
+    total.refused = [r for r in total.refused if (r.rule, r.node) not in {(p.rule, p.node) for p in part.refused}]
+    total.refused += part.refused
+    total.notes.update(part.notes)
+
+
+fuse_branches = register_pass(FuseBranchesPass())

@@ -53,10 +53,13 @@ def accumulate(out: torch.Tensor, out_groups: int, weight: torch.Tensor, groups:
     """
     ratio = groups // out_groups
     out_total, in_per_group, kernel = weight.shape[0], weight.shape[1], weight.shape[2:]
+    window = tuple(slice(o, o + k) for o, k in zip(offsets, kernel))
+    if ratio == 1:
+        out[(slice(None), slice(None)) + window] += weight
+        return out
     view = out.view(out_groups, ratio, out_total // groups, ratio, in_per_group, *out.shape[2:])
     blocks = weight.reshape(out_groups, ratio, out_total // groups, in_per_group, *kernel).transpose(0, 1)
     diagonal = torch.arange(ratio)
-    window = tuple(slice(o, o + k) for o, k in zip(offsets, kernel))
     index = (slice(None), diagonal, slice(None), diagonal, slice(None)) + window
     view[index] = view[index] + blocks
     return out

@@ -26,6 +26,44 @@ class _Tracer(fx.Tracer):
                 return True
         return super().is_leaf_module(m, qualname)
 
+    def create_arg(self, a: Any):
+        # torch.fx finds a parameter or buffer argument by scanning all of them, once per argument:
+        # quadratic on models that hand their parameters to functions (timm's BatchNormAct2d). Same
+        # answer (the first name of that tensor), looked up instead.
+        if isinstance(a, torch.Tensor) and isinstance(getattr(self, "root", None), torch.nn.Module):
+            names = self._tensor_names()
+            name = names[0].get(id(a)) if isinstance(a, torch.nn.Parameter) else names[1].get(id(a))
+            if name is not None:
+                return self.create_node("get_attr", name, (), {})
+        return super().create_arg(a)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict):
+        # The same quadratic scan when a module reads its own parameter (self.weight) in forward.
+        if isinstance(attr_val, torch.Tensor) and not self.param_shapes_constant and \
+                isinstance(getattr(self, "root", None), torch.nn.Module):
+            params, buffers = self._tensor_names()
+            if isinstance(attr_val, torch.nn.Parameter):
+                name = params.get(id(attr_val))
+            else:
+                name = buffers.get(id(attr_val)) if self.proxy_buffer_attributes else None
+            if name is not None:
+                if name not in parameter_proxy_cache:
+                    parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+                return parameter_proxy_cache[name]
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def _tensor_names(self) -> tuple[dict[int, str], dict[int, str]]:
+        cached = getattr(self, "_names_cache", None)
+        if cached is None or cached[0] is not self.root:
+            params: dict[int, str] = {}
+            buffers: dict[int, str] = {}
+            for n, p in self.root.named_parameters():
+                params.setdefault(id(p), n)
+            for n, b in self.root.named_buffers():
+                buffers.setdefault(id(b), n)
+            cached = self._names_cache = (self.root, (params, buffers))
+        return cached[1]
+
     def call_module(self, m, forward, args, kwargs):
         try:
             return super().call_module(m, forward, args, kwargs)
