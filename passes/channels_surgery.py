@@ -105,10 +105,10 @@ class Surgery:
         keep[self.kept(sx)] = False
         gone = keep.nonzero().flatten()
         c = self.cg.constants(sx)[gone]
-        w = f64(node.params["weight"])
+        w = node.params["weight"].detach()
         out = w.shape[0]
-        per_channel = w.reshape(out, sx.channels, -1).sum(-1) if node.kind == "linear" else w.flatten(2).sum(-1)
-        delta = (per_channel[:, gone] * c).sum(1)
+        w = w.reshape(out, sx.channels, -1)  # linear: the `mult` columns of each channel; conv: its taps
+        delta = (f64(w.index_select(1, gone)).sum(-1) * c).sum(1)  # float64 on the removed columns only
         if not bool(delta.ne(0).any()):
             return bias
         self.folded += int(c.ne(0).sum())

@@ -263,17 +263,19 @@ class _Builder:
 
     def _conv_constants(self, node: Node, c: torch.Tensor, so: Space, mult: int = 1) -> torch.Tensor:
         """Per output channel of a conv / linear: the constant it outputs, or NaN."""
-        w = f64(node.params["weight"])
+        w = node.params["weight"].detach()
         groups = node.attrs.get("groups", 1)
         out = w.shape[0]
-        if node.kind == "linear":
-            w = w.reshape(out, -1, mult)
-        flat = w.reshape(out, w.shape[1], -1)
-        wsum, nz = flat.sum(-1), flat.ne(0).any(-1)  # (O, in per group)
-        xg = c.reshape(groups, -1)[torch.arange(out) // (out // groups)]  # (O, in per group): inputs each output sees
+        flat = w.reshape(out, -1, mult) if node.kind == "linear" else w.reshape(out, w.shape[1], -1)
+        nz = flat.ne(0).any(-1)  # (O, in per group): which inputs each output reads
+        xg = c.reshape(groups, -1)[torch.arange(out) // (out // groups)]  # (O, in per group): the constants it sees
         known = ~torch.isnan(xg)
         varying = (nz & ~known).any(1)
-        total = _bias64(node, out) + (wsum * torch.where(known, xg, torch.zeros_like(xg))).sum(1)
+        total = _bias64(node, out)
+        cols = known.any(0).nonzero().flatten()  # only columns with a constant need float64 sums (few, usually)
+        if len(cols):
+            wsum = f64(flat.index_select(1, cols)).sum(-1)
+            total = total + (wsum * torch.where(known[:, cols], xg[:, cols], torch.zeros(()))).sum(1)
         if node.kind == "conv" and zero_padded(node):
             border = (nz & known & (xg != 0)).any(1) & ~varying
             if border.any():
