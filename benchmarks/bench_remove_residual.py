@@ -78,17 +78,17 @@ def main() -> None:
         assert report.nodes_after.get("add", 0) == 0, report.nodes_after
         check = rewrite.verify(model, plain, x[:2])
         rows = [("original", model), ("BN folded (residual)", folded), ("RM plain", plain)]
-        base = None
+        measured = {}
         for label, m in rows:
             cost = model_cost(m, x)
             ms = latency_ms(m, x, args.repeats)
-            base = base or (cost, ms)
+            measured[label] = (cost, ms)
             err = f"{check.max_rel:.1e}" if label == "RM plain" else ""
             print(f"{name:<14}{label:<22}{cost.params / 1e6:>12.2f}{cost.flops / 1e9 / args.batch:>10.2f}"
                   f"{ms:>14.1f}{err:>13}")
-        cost = model_cost(plain, x)
-        print(f"{'':<14}{'RM / original':<22}{cost.params / base[0].params:>11.2f}x"
-              f"{cost.flops / base[0].flops:>9.2f}x{latency_ms(plain, x, args.repeats) / base[1]:>13.2f}x")
+        (base, base_ms), (rm, rm_ms) = measured["original"], measured["RM plain"]
+        print(f"{'':<14}{'RM / original':<22}{rm.params / base.params:>11.2f}x"
+              f"{rm.flops / base.flops:>9.2f}x{rm_ms / base_ms:>13.2f}x")
         if name.startswith("resnet"):
             dense = rmnet_dense_params(model)
             print(f"{'':<14}{'RMNet dense carry':<22}{dense / 1e6:>12.2f}  (RMNet's converter layout, computed)")

@@ -138,7 +138,7 @@ def test_random_blocks_are_exact_in_float64(spec):
     assert result.max_rel <= 1e-10
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(block_specs(kinds=("basic", "bottleneck", "inverted")))
 def test_signed_option_clamp_keeps_c_channels(spec):
     model, x = make_block(spec, seed=2)
