@@ -267,15 +267,28 @@ class _Builder:
         groups = node.attrs.get("groups", 1)
         out = w.shape[0]
         flat = w.reshape(out, -1, mult) if node.kind == "linear" else w.reshape(out, w.shape[1], -1)
-        nz = flat.ne(0).any(-1)  # (O, in per group): which inputs each output reads
-        xg = c.reshape(groups, -1)[torch.arange(out) // (out // groups)]  # (O, in per group): the constants it sees
-        known = ~torch.isnan(xg)
-        varying = (nz & ~known).any(1)
         total = _bias64(node, out)
-        cols = known.any(0).nonzero().flatten()  # only columns with a constant need float64 sums (few, usually)
-        if len(cols):
-            wsum = f64(flat.index_select(1, cols)).sum(-1)
-            total = total + (wsum * torch.where(known[:, cols], xg[:, cols], torch.zeros(()))).sum(1)
+        if groups == 1:
+            # Fast path (most layers): one count_nonzero over the columns that vary, float64 only where constant.
+            known_in = ~torch.isnan(c)
+            unknown_cols, cols = (~known_in).nonzero().flatten(), known_in.nonzero().flatten()
+            reads_varying = flat if len(cols) == 0 else flat.index_select(1, unknown_cols)
+            varying = torch.count_nonzero(reads_varying.reshape(out, -1), dim=1) > 0
+            sub = flat.index_select(1, cols)
+            nz = torch.count_nonzero(sub, dim=2) > 0  # (O, known inputs)
+            xg = c[cols].expand(out, -1)
+            known = torch.ones_like(nz)
+            if len(cols):
+                total = total + (f64(sub).sum(-1) * xg).sum(1)
+        else:
+            nz = flat.ne(0).any(-1)  # (O, in per group): which inputs each output reads
+            xg = c.reshape(groups, -1)[torch.arange(out) // (out // groups)]  # (O, in per group): the constants seen
+            known = ~torch.isnan(xg)
+            varying = (nz & ~known).any(1)
+            cols = known.any(0).nonzero().flatten()  # only columns with a constant need float64 sums
+            if len(cols):
+                wsum = f64(flat.index_select(1, cols)).sum(-1)
+                total = total + (wsum * torch.where(known[:, cols], xg[:, cols], torch.zeros(()))).sum(1)
         if node.kind == "conv" and zero_padded(node):
             border = (nz & known & (xg != 0)).any(1) & ~varying
             if border.any():

@@ -47,6 +47,8 @@ class _ShapeRecorder(fx.Interpreter):
             raise
         if isinstance(result, torch.Tensor):
             n.meta["tensor_meta"] = _extract_tensor_metadata(result)
+        elif isinstance(result, (tuple, list)) and result and all(isinstance(r, torch.Tensor) for r in result):
+            n.meta["tensor_meta"] = tuple(_extract_tensor_metadata(r) for r in result)  # split / chunk pieces
         return result
 
 
