@@ -28,47 +28,48 @@ def _rebuilt(ctx, conv, x: Value, weight: torch.Tensor, bias: torch.Tensor, like
                   like=like, named_after=conv, **conv.attrs)
 
 
-@rule(conv_bn)
-def fold_bn_into_conv(ctx, x, conv, bn):
-    """conv / conv_transpose -> batch_norm becomes one conv."""
-    why = bn_refusal(bn)
+def _rank(value: Value) -> int | None:
+    return None if value.shape is None else len(value.shape)
+
+
+def _not_2d(value: Value, where: str) -> str | None:
+    """Why a BN next to a linear cannot fold: BN normalizes axis 1, a linear acts on the last axis."""
+    if _rank(value) == 2:
+        return None
+    rank = "unknown: pass example_inputs" if value.shape is None else str(_rank(value))
+    return f"batch_norm {where} linear folds only on 2-D (N, C) activations; the rank is {rank}"
+
+
+def _fold_after(ctx, x, conv, bn):
+    """Fold an inference-mode BN into the conv / conv_transpose / linear that feeds it."""
+    why = bn_refusal(bn) or (_not_2d(conv.output, "after") if conv.kind == "linear" else None)
     if why:
         return ctx.fail(why)
     scale, shift = bn_affine(bn)
     if scale.numel() != out_channels(conv):
         return ctx.fail(f"{bn.label} has {scale.numel()} channels, {conv.label} outputs {out_channels(conv)}")
-    bias = bias_f64(conv)
-    return _rebuilt(ctx, conv, x, scaled_weight(conv, scale), bias * scale + shift, bn.output)
+    return _rebuilt(ctx, conv, x, scaled_weight(conv, scale), bias_f64(conv) * scale + shift, bn.output)
 
 
-def _rank(value: Value) -> int | None:
-    return None if value.shape is None else len(value.shape)
+@rule(conv_bn)
+def fold_bn_into_conv(ctx, x, conv, bn):
+    """conv / conv_transpose -> batch_norm becomes one conv."""
+    return _fold_after(ctx, x, conv, bn)
 
 
 @rule(linear_bn)
 def fold_bn_into_linear(ctx, x, linear, bn):
     """linear -> batch_norm1d on (N, C) becomes one linear."""
-    why = bn_refusal(bn)
-    if why:
-        return ctx.fail(why)
-    if _rank(linear.output) != 2:
-        return ctx.fail("batch_norm after linear folds only on 2-D (N, C) activations; the rank is "
-                        + ("unknown: pass example_inputs" if linear.output.shape is None else str(_rank(linear.output))))
-    scale, shift = bn_affine(bn)
-    bias = bias_f64(linear)
-    return _rebuilt(ctx, linear, x, scaled_weight(linear, scale), bias * scale + shift, bn.output)
+    return _fold_after(ctx, x, linear, bn)
 
 
 @rule(bn_conv)
 def fold_bn_before_conv(ctx, x, bn, conv):
     """batch_norm -> conv / linear becomes one conv, when no zero padding sees the BN shift."""
-    why = bn_refusal(bn)
+    why = bn_refusal(bn) or (_not_2d(bn.output, "before") if conv.kind == "linear" else None)
     if why:
         return ctx.fail(why)
     scale, shift = bn_affine(bn)
-    if conv.kind == "linear" and _rank(bn.output) != 2:
-        return ctx.fail("batch_norm before linear folds only on 2-D (N, C) activations; the rank is "
-                        + ("unknown: pass example_inputs" if bn.output.shape is None else str(_rank(bn.output))))
     if conv.kind == "conv" and conv.attrs.get("padding_mode", "zeros") == "zeros" and has_padding(conv) \
             and bool(shift.abs().max() > 0):
         return ctx.fail(f"{conv.label} zero-pads its input, so the border would see {bn.label}'s shift; "

@@ -34,6 +34,17 @@ def is_pure(node: "Node") -> bool:
     return node.kind in PURE_KINDS or bool(node.attrs.get("pure"))
 
 
+def fresh_name(base: str, taken, reserve: set | None = None) -> str:
+    """`base`, or `base_1`, `base_2`, ... : the first that `taken(name)` rejects not; added to `reserve`."""
+    name, n = base, 1
+    while taken(name):
+        name = f"{base}_{n}"
+        n += 1
+    if reserve is not None:
+        reserve.add(name)
+    return name
+
+
 class Value:
     """One tensor flowing in the graph: produced by at most one node, read by any number."""
 
@@ -140,12 +151,7 @@ class Graph:
 
     # -- construction -------------------------------------------------------------------
     def unique_name(self, base: str) -> str:
-        name, n = base, 1
-        while name in self._names:
-            name = f"{base}_{n}"
-            n += 1
-        self._names.add(name)
-        return name
+        return fresh_name(base, self._names.__contains__, self._names)
 
     def add_input(self, name: str, shape=None, dtype=None) -> Value:
         value = Value(self.unique_name(name), shape=shape, dtype=dtype)

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import RewriteError
-from ..ir import Graph, Node, Value
+from ..ir import Graph, Node, Value, fresh_name
 from .fx_import import Attr, FxOrigin, In, _fetch_attr
 
 _CONV_CLASSES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -72,10 +72,7 @@ class _Staging:
     def install_new(self, base: str, obj: Any) -> str:
         """Install a new module or tensor under a free path derived from `base`."""
         base = re.sub(r"[^0-9A-Za-z_.]", "_", base).strip(".") or "fused"
-        path, n = base, 1
-        while path in self.taken:
-            path = f"{base}_{n}"
-            n += 1
+        path = fresh_name(base, self.taken.__contains__)
         *prefix, field = path.split(".")
         parent = self.tree
         for item in prefix:

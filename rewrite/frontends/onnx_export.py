@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 import torch
 
 from ..errors import RewriteError
-from ..ir import Graph, Node, Value
+from ..ir import Graph, Node, Value, fresh_name
 from .onnx_import import EMPTY, In, OnnxOrigin, Orig, untouched
 
 
@@ -42,21 +42,12 @@ class OnnxEmitter:
     # -- naming -------------------------------------------------------------------------
     def fresh_tensor_name(self, base: str) -> str:
         base = re.sub(r"\s", "_", base) or "t"
-        name, n = base, 1
-        while name in self.tensor_names:
-            name = f"{base}_{n}"
-            n += 1
-        self.tensor_names.add(name)
-        return name
+        return fresh_name(base, self.tensor_names.__contains__, self.tensor_names)
 
     def node_name(self, base: str, original: bool = False) -> str:
         """A unique node name; names of original nodes still written back are kept for them."""
-        name, n = base, 1
-        while name in self.used_node_names or (not original and name in self.node_names):
-            name = f"{base}_{n}"
-            n += 1
-        self.used_node_names.add(name)
-        return name
+        return fresh_name(base, lambda name: name in self.used_node_names or (not original and name in self.node_names),
+                          self.used_node_names)
 
     def _plan_output_names(self) -> None:
         """Graph outputs keep their names; a value that cannot take one gets an Identity node."""
