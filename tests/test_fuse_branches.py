@@ -161,7 +161,7 @@ def conv_cascades(draw):
     return model, torch.randn(2, cin, *([size] * dims), generator=torch.Generator().manual_seed(seed))
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(conv_cascades())
 def test_conv_cascades_fuse_exactly(model_and_input):
     model, x = model_and_input
@@ -204,7 +204,7 @@ class Concat(nn.Module):
         return torch.cat(parts, 1)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(st.integers(1, 2), st.integers(1, 4), st.lists(st.tuples(st.integers(1, 4), st.sampled_from([1, 3]),
                                                                  st.booleans()), min_size=2, max_size=4),
        st.integers(1, 2), st.booleans(), st.integers(0, 2 ** 16))
