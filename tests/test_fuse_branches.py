@@ -1,12 +1,22 @@
 """fuse_branches on random multi-branch blocks: equivalence (float32 and float64), idempotence, near misses."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from rewrite.testing import check_pass, randomize_bn
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small convs on a shared two-core machine: one thread avoids oversubscription stalls."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d}
 BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}
