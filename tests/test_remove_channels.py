@@ -10,7 +10,11 @@ import rewrite
 from rewrite.slimming import count_weights
 from rewrite.testing import check_pass, randomize_bn
 
-torch.set_grad_enabled(False)
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Tests edit parameters in place to kill channels: no autograd (scoped, not global)."""
+    with torch.no_grad():
+        yield
 
 
 def run(model, x, **options):

@@ -14,9 +14,6 @@ from hypothesis import given, settings, strategies as st
 
 from rewrite.testing import check_pass, randomize_bn
 
-torch.set_grad_enabled(False)
-
-
 def layer_spec(draw, cin, cout):
     k = draw(st.sampled_from([1, 3]))
     pad = draw(st.sampled_from([0, 1])) if k == 3 else 0
@@ -102,6 +99,7 @@ def plain_nets(draw):
 
 @settings(max_examples=15, deadline=None)
 @given(plain_nets())
+@torch.no_grad()
 def test_plain_networks(net):
     specs, head, zero_beta, seed = net
     torch.manual_seed(seed)
@@ -170,6 +168,7 @@ def residual_nets(draw):
 
 @settings(max_examples=15, deadline=None)
 @given(residual_nets())
+@torch.no_grad()
 def test_residual_networks(net):
     width, stream, inner, zero_beta, seed = net
     torch.manual_seed(seed)
@@ -248,6 +247,7 @@ def concat_nets(draw):
 
 @settings(max_examples=15, deadline=None)
 @given(concat_nets())
+@torch.no_grad()
 def test_concat_networks(net):
     (s0, sa, sb, sc), twice, zero_beta, seed = net
     torch.manual_seed(seed)

@@ -1,6 +1,7 @@
 """remove_channels on slimmed real models (random weights, randomized BN): reductions and equal outputs."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 import torchvision
@@ -10,7 +11,11 @@ from rewrite.analysis.cost import model_cost
 from rewrite.slimming import count_weights
 from rewrite.testing import randomize_bn
 
-torch.set_grad_enabled(False)
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Tests edit parameters in place to kill channels: no autograd (scoped, not global)."""
+    with torch.no_grad():
+        yield
 
 
 def slim(model, x):
