@@ -63,18 +63,20 @@ def _seq(*modules):
 
 
 @st.composite
-def branch_blocks(draw, max_dims: int = 2):
+def branch_blocks(draw):
     """A random multi-branch block whose branches line up, and an input for it."""
-    dims = draw(st.integers(1, max_dims))
+    dims = draw(st.sampled_from([2, 1]))
+    residual = draw(st.booleans())  # shaped so that identity, BN and avg-pool branches fit
     groups = draw(st.integers(1, 3))
     in_per_group = draw(st.integers(1, 3))
-    out_per_group = draw(st.integers(1, 3))  # in_per_group == 1: a depthwise conv with a channel multiplier
+    # in_per_group == 1 and out_per_group > 1: a depthwise conv with a channel multiplier
+    out_per_group = in_per_group if residual else draw(st.integers(1, 3))
     cin, cout = groups * in_per_group, groups * out_per_group
-    kernel = draw(st.integers(1, 4))
+    kernel = draw(st.sampled_from([3, 5, 1] if residual else [3, 2, 4, 1]))
     dilation = draw(st.integers(1, 2)) if kernel > 1 else 1
-    stride = draw(st.integers(1, 2))
+    stride = 1 if residual else draw(st.integers(1, 2))
     reach = dilation * (kernel - 1)
-    padding = draw(st.integers(max(0, (reach - 1) // 2), reach // 2 + 1))  # below, at and above 'same'
+    padding = reach // 2 if residual else draw(st.integers(max(0, (reach - 1) // 2), reach // 2 + 1))
     spare = 2 * padding - reach  # pad_before + pad_after - reach, shared by every branch
     centred = kernel % 2 == 1 and spare >= 0 and spare % 2 == 0  # a 1-wide kernel fits on the grid
     identity_ok = cin == cout and stride == 1 and spare == 0 and kernel % 2 == 1
@@ -340,10 +342,11 @@ def test_branches_of_other_inputs_stay_and_the_input_is_untouched():
     """Only the branches of one input merge; a term of another input stays a term of the sum."""
     def forward(m, x):
         y = torch.tanh(x)
-        return m.a(x) + m.b(y) + m.c(x) * 2.0
+        return m.a(x) + m.b(y) * 0.5 + m.c(x) * 2.0
     model = Lambda(forward, a=nn.Conv2d(4, 4, 3, padding=1), b=nn.Conv2d(4, 4, 1), c=nn.Conv2d(4, 4, 1)).eval()
     result = check_pass("fuse_branches", model, _x())
-    assert result.report.nodes_after.get("conv") == 2 and result.report.nodes_after.get("add") == 1
+    after = result.report.nodes_after
+    assert after.get("conv") == 2 and after.get("add") == 1 and after.get("mul") == 1, after
 
 
 @settings(max_examples=20, deadline=None)
@@ -357,3 +360,27 @@ def test_padded_cascade_fuses_only_where_the_border_stays_zero(k1, s1, d1, p1, p
     result = check_pass("fuse_branches", model, x, expect_rewrite=False, options={"allow_costlier": True})
     refused = [r.reason for r in result.report["fuse_branches"].result.refused]
     assert result.report.nodes_after.get("conv") == 1 or any("not zero" in r for r in refused), refused
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.sampled_from([3, 5]), st.integers(0, 4), st.integers(1, 2), st.integers(1, 2), st.integers(1, 3),
+       st.integers(0, 2 ** 16))
+def test_asymmetric_and_cropping_branches_fuse_exactly(kernel, padding, stride, dilation, channels, seed):
+    """ACNet's KxK + 1xK + Kx1, and a smaller square branch when the padding is below K//2 (cropping)."""
+    torch.manual_seed(seed)
+    padding = min(padding, dilation * (kernel - 1))
+    half = dilation * (kernel - 1) // 2
+    branches = [_seq(nn.Conv2d(channels, channels, kernel, stride, padding, dilation), nn.BatchNorm2d(channels))]
+    if padding >= half:  # the 1-wide axis of 1xK / Kx1 is padded by what is left over
+        branches += [_seq(nn.Conv2d(channels, channels, (1, kernel), stride, (padding - half, padding), dilation),
+                          nn.BatchNorm2d(channels)),
+                     _seq(nn.Conv2d(channels, channels, (kernel, 1), stride, (padding, padding - half), dilation),
+                          nn.BatchNorm2d(channels))]
+    if padding >= dilation:  # a (K-2)x(K-2) branch one dilated tap in from each side
+        branches.append(nn.Conv2d(channels, channels, kernel - 2, stride, padding - dilation, dilation))
+    if len(branches) == 1:
+        branches.append(nn.Conv2d(channels, channels, kernel, stride, padding, dilation, bias=False))
+    block = randomize_bn(Sum(branches).eval(), seed)
+    x = torch.randn(2, channels, 11, 10, generator=torch.Generator().manual_seed(seed))
+    result = check_pass("fuse_branches", block, x)
+    _only_one_conv(result)
