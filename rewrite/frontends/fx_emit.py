@@ -171,8 +171,9 @@ class FxEmitter:
         module.eval()
         return self.staging.install_new(node.scope or node.name, module)
 
-    def new_tensor(self, node: Node, suffix: str, tensor: torch.Tensor) -> fx.Node:
-        path = self.staging.install_new(f"{node.scope or node.name}_{suffix}", tensor)
+    def new_tensor(self, node: Node, suffix: str, tensor: torch.Tensor, parameter: bool = False) -> fx.Node:
+        obj = nn.Parameter(tensor, requires_grad=tensor.is_floating_point()) if parameter else tensor
+        path = self.staging.install_new(f"{node.scope or node.name}_{suffix}", obj)
         return self.fx_graph.get_attr(path)
 
     def call(self, fn: Callable, *args, **kwargs) -> fx.Node:
@@ -264,9 +265,28 @@ def _emit_linear(e: FxEmitter, node: Node, inputs):
     return e.fx_graph.call_module(e.new_module(node, linear), (inputs[0],))
 
 
+_BN_CLASSES = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+
+
 def _emit_batch_norm(e: FxEmitter, node: Node, inputs):
-    tensors = {k: (e.new_tensor(node, k, t.detach()) if t is not None else None) for k, t in node.params.items()}
-    a = node.attrs
+    """A real BatchNorm module when the input rank is known (state_dict and parameter counts as
+    usual); otherwise F.batch_norm over the same tensors, gamma and beta still as parameters."""
+    p, a = node.params, node.attrs
+    shape = node.inputs[0].shape
+    cls = _BN_CLASSES.get(len(shape)) if shape is not None else None
+    if cls is not None and p["running_mean"] is not None:
+        affine = p.get("weight") is not None and p.get("bias") is not None
+        bn = cls(p["running_mean"].numel(), eps=a["eps"], momentum=a.get("momentum"), affine=affine,
+                 device="meta")
+        bn.running_mean = p["running_mean"].detach()
+        bn.running_var = p["running_var"].detach()
+        bn.num_batches_tracked = torch.tensor(0, dtype=torch.long, device=p["running_mean"].device)
+        if affine:
+            bn.weight, bn.bias = nn.Parameter(p["weight"].detach()), nn.Parameter(p["bias"].detach())
+        bn.train(bool(a["training"]))
+        return e.fx_graph.call_module(e.staging.install_new(node.scope or node.name, bn), (inputs[0],))
+    tensors = {k: (e.new_tensor(node, k, t.detach(), parameter=k in ("weight", "bias")) if t is not None else None)
+               for k, t in p.items()}
     return e.call(F.batch_norm, inputs[0], tensors["running_mean"], tensors["running_var"],
                   weight=tensors.get("weight"), bias=tensors.get("bias"), training=a["training"],
                   momentum=a.get("momentum") or 0.0, eps=a["eps"])
