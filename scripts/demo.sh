@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh test
-exec .venv/bin/rewrite apply rewrite.demo:default_model --passes "${PASSES:-fold_bn,cleanup}" \
+exec .venv/bin/rewrite apply rewrite.demo:default_model --passes "${PASSES:-fold_bn,fuse_branches,remove_residual,cleanup}" \
     --input-shape 2,3,64,64 --verify -o out/demo.pt --report-json out/demo-report.json
