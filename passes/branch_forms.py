@@ -93,6 +93,8 @@ def pool_form(node, channels: int) -> KernelForm | str:
 def branch_form(branch: Branch, layout: Layout, channels: int) -> KernelForm | str:
     """The kernel of one branch, its per-channel factor included."""
     if branch.kind in ("conv", "linear"):
+        if branch.kind != layout.family or branch.node.params["weight"].dim() != layout.spatial + 2:
+            return f"{branch.node.label} does not lay out channels like the other branches"
         form = node_form(branch.node)
     elif branch.kind == "avg_pool":
         if layout.family != "conv":
