@@ -19,7 +19,7 @@ from torch.fx.experimental.optimization import fuse
 
 sys.path.insert(0, os.path.dirname(__file__))
 import rewrite  # noqa: E402
-from common import best_time, relative_error  # noqa: E402
+from common import best_time, paired_best, relative_error  # noqa: E402
 from rewrite.testing import randomize_bn  # noqa: E402
 
 
@@ -27,8 +27,7 @@ def compare_with_fx(name: str, repeat: int) -> None:
     torch.manual_seed(0)
     model = randomize_bn(getattr(torchvision.models, name)(), seed=0).eval()
     x = torch.randn(1, 3, 224, 224)
-    t_ours = best_time(lambda: rewrite.apply(model, ["fold_bn"]), repeat)
-    t_fx = best_time(lambda: fuse(model), repeat)
+    t_ours, t_fx = paired_best(lambda: rewrite.apply(model, ["fold_bn"]), lambda: fuse(model), repeat)
     ours, theirs = rewrite.apply(model, ["fold_bn"]), fuse(model)
     with torch.no_grad():
         ref = model(x)
@@ -59,7 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    repeat = 2 if args.quick else 5
+    repeat = 3 if args.quick else 9
     torch.set_num_threads(1)
     for name in ("resnet50", "resnet152"):
         compare_with_fx(name, repeat)

@@ -21,6 +21,16 @@ def best_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> flo
     return best
 
 
+def paired_best(first: Callable[[], object], second: Callable[[], object], repeat: int = 5) -> tuple[float, float]:
+    """Best times of two functions measured in alternation, so a change of machine load hits both alike."""
+    first(), second()
+    best_first = best_second = float("inf")
+    for _ in range(repeat):
+        best_first = min(best_first, best_time(first, repeat=1, warmup=0))
+        best_second = min(best_second, best_time(second, repeat=1, warmup=0))
+    return best_first, best_second
+
+
 def relative_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
     ref, cand = reference.detach().double(), candidate.detach().double()
     return float((ref - cand).abs().max() / ref.abs().max())

@@ -1,8 +1,10 @@
 """`rewrite.apply`: load a model into the IR, run passes, check them, and give back the same kind of model."""
 from __future__ import annotations
 
+import gc
 import time
 from collections import Counter
+from contextlib import contextmanager
 from typing import Any, Sequence
 
 from .errors import EquivalenceError, RewriteError
@@ -14,6 +16,19 @@ from .report import PassReport, Report
 
 def op_counts(graph: Graph) -> dict[str, int]:
     return dict(Counter(node.kind for node in graph.nodes if node.kind != "constant"))
+
+
+@contextmanager
+def _gc_paused():
+    """Rewriting allocates many small objects and frees them by reference counting; the cyclic
+    collector would rescan the whole (growing) heap again and again, which made long graphs superlinear."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def apply(model: Any, passes: Sequence[str | Pass] = ("fold_bn",), example_inputs=None, verify: bool = False,
@@ -30,6 +45,12 @@ def apply(model: Any, passes: Sequence[str | Pass] = ("fold_bn",), example_input
     options: per-pass options, e.g. {"remove_channels": {"threshold": 1e-3}}.
     frontend_options: concrete_args / leaf_modules for torch tracing.
     """
+    with _gc_paused():
+        return _apply(model, passes, example_inputs, verify, return_report, inplace, options, tolerance,
+                      frontend_options)
+
+
+def _apply(model, passes, example_inputs, verify, return_report, inplace, options, tolerance, frontend_options):
     frontend = frontend_for(model)
     pass_objects = [get_pass(p) for p in passes]
     graph = frontend.load(model, example_inputs, **frontend_options)

@@ -27,6 +27,19 @@ _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 _ADAPTIVE = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
 
 
+def _clone(obj: Any, memo: dict) -> Any:
+    """A deep copy. A module with no parameters, buffers or children (ReLU, pooling, ...) is cloned
+    directly: same class, its own containers, attributes deep-copied; copy.deepcopy's generic path
+    costs far more per module and dominated emission of long chains."""
+    if isinstance(obj, nn.Module) and not (obj._parameters or obj._buffers or obj._modules):
+        clone = obj.__class__.__new__(obj.__class__)
+        # Hook and state containers are copied one level (their entries are callables or flags).
+        clone.__dict__.update({k: v.copy() if isinstance(v, (dict, set)) else copy.deepcopy(v, memo)
+                               for k, v in obj.__dict__.items()})
+        return clone
+    return copy.deepcopy(obj, memo)
+
+
 class _Staging:
     """The module tree the GraphModule is built from: copies of what is used, plus new modules."""
 
@@ -60,7 +73,7 @@ class _Staging:
             return  # already there (a module called twice, or an attribute of an installed module)
         obj = getattr(src_parent, field)
         if self.copy_originals:
-            obj = copy.deepcopy(obj, self.memo)
+            obj = _clone(obj, self.memo)
         if isinstance(obj, nn.Module) or isinstance(obj, nn.Parameter):
             setattr(dst_parent, field, obj)
         elif isinstance(obj, torch.Tensor):
@@ -207,8 +220,7 @@ def _blank(cls: type, **attrs) -> nn.Module:
     module = cls.__new__(cls)
     module.__dict__.update({k: (v.copy() if isinstance(v, (dict, set)) else v) for k, v in template.__dict__.items()})
     module._parameters = {}
-    for key, value in attrs.items():
-        setattr(module, key, value)
+    module.__dict__.update(attrs)  # plain attributes (ints, tuples, strings): no Module bookkeeping needed
     return module
 
 
