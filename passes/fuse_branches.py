@@ -59,8 +59,14 @@ def _groups(branches: list[Branch]) -> list[list[Branch]]:
     return list(by_input.values())
 
 
+def _main_branch(group: list[Branch]) -> Branch:
+    """The weighted branch with the largest kernel: the merged conv is named after it."""
+    weighted = [b for b in group if b.kind in WEIGHTED]
+    return max(weighted, key=lambda b: b.node.params["weight"][0].numel())
+
+
 def _merge_group(group: list[Branch], layout: Layout, shifts: list[torch.Tensor], allow: bool) -> KernelForm | str:
-    main = next(b for b in group if b.kind in WEIGHTED)
+    main = _main_branch(group)
     channels = node_form(main.node).in_channels
     forms = []
     for b in group:
@@ -135,7 +141,7 @@ def fuse_parallel_branches(ctx, add):
         fused = _merge_group(group, layout, shifts, ctx.options.get("allow_costlier", False)) \
             if any(group is g for g in mergeable) else None
         if isinstance(fused, KernelForm):
-            main = next(b for b in group if b.kind in WEIGHTED)
+            main = _main_branch(group)
             like = add.output if len(groups) == 1 and not expansion.loose else main.node.output
             operands.append(_emit(ctx, main.input, fused, layout, main.node, like))
             merged += 1
