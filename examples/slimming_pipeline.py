@@ -1,6 +1,7 @@
 """The RMNet slimming pipeline end to end, on synthetic data (random weights, nothing downloaded).
 
-1. a small ResNet (torchvision resnet18, 10 classes) becomes a plain network by `remove_residual`;
+1. a small ResNet (torchvision resnet18, 10 classes) becomes a plain network by `remove_residual`,
+   and gets a BatchNorm after every conv for slimming (RMNet trains its plain networks with BN);
 2. a few training steps with the L1 penalty on BN gammas (rewrite.slimming);
 3. the gammas chosen globally by ratio are zeroed (lossy: this is the slimming decision);
 4. `remove_channels` removes the dead channels exactly (outputs equal to step 3's model);
@@ -42,6 +43,8 @@ def main() -> None:
     show("0. resnet18", resnet, x)
     plain, report = rewrite.apply(resnet, ["remove_residual"], example_inputs=x, verify=True, return_report=True)
     show("1. remove_residual (plain network)", plain, x)
+    plain = slimming.insert_batch_norms(plain)
+    show("   + a BatchNorm after every conv", plain, x)
 
     # 2. a few steps of training with the L1 penalty on the gammas (synthetic data, so only a demonstration)
     plain.train()

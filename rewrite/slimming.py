@@ -12,7 +12,10 @@ the channels whose gamma is now 0 and keeps the outputs of the zeroed model equa
 """
 from __future__ import annotations
 
+import copy
+
 import torch
+import torch.fx as fx
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -81,7 +84,7 @@ def zero_channels(model: nn.Module, chosen: dict[str, list[int]], zero_beta: boo
 
 
 def count_weights(model: nn.Module) -> int:
-    """Parameters plus weight-like buffers (a rewritten BN may hold gamma / beta as buffers).
+    """Parameters plus weight-like buffers (a model may keep raw BN gamma / beta as buffers for F.batch_norm).
 
     BN running statistics and counters are not weights and are left out, as torch's own
     parameter count leaves them out of an untouched BatchNorm.
@@ -91,3 +94,30 @@ def count_weights(model: nn.Module) -> int:
         if not name.endswith(("running_mean", "running_var", "num_batches_tracked")):
             seen.setdefault(id(b), b)
     return sum(t.numel() for t in seen.values())
+
+
+def insert_batch_norms(model: fx.GraphModule) -> fx.GraphModule:
+    """A copy of a traced network with a fresh BatchNorm after every Conv2d, to train and slim it.
+
+    A plain network from `remove_residual` (or a deployed one) has its BNs folded away; slimming
+    needs gammas to penalize, as RMNet trains its plain networks with BN. The new BNs start as a
+    plain normalization (gamma 1, beta 0), so the copy is a different function until it is trained:
+    lossy, like everything on the training side.
+    """
+    slim = copy.deepcopy(model)
+    taken = {name for name, _ in slim.named_modules()}
+    for node in list(slim.graph.nodes):
+        if node.op != "call_module" or not isinstance(slim.get_submodule(node.target), nn.Conv2d):
+            continue
+        conv = slim.get_submodule(node.target)
+        name = node.target.replace(".", "_") + "_bn"
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        slim.add_submodule(name, nn.BatchNorm2d(conv.out_channels, device=conv.weight.device,
+                                                dtype=conv.weight.dtype))
+        with slim.graph.inserting_after(node):
+            bn = slim.graph.call_module(name, (node,))
+        node.replace_all_uses_with(bn, delete_user_cb=lambda user: user is not bn)
+    slim.recompile()
+    return slim

@@ -45,3 +45,18 @@ def test_zero_channels_sets_gamma_only_unless_asked():
 def test_count_weights_counts_parameters_and_weight_buffers_not_statistics():
     m = net()
     assert slimming.count_weights(m) == sum(p.numel() for p in m.parameters())
+
+
+def test_insert_batch_norms_adds_one_after_every_conv_and_leaves_the_input():
+    import torch.fx as fx
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))
+    traced = fx.symbolic_trace(net)
+    slim = slimming.insert_batch_norms(traced)
+    bns = [m for m in slim.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert [b.num_features for b in bns] == [4, 2]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in traced.modules())
+    x = torch.randn(3, 3, 6, 6)
+    out = slim.train()(x)
+    # Every output channel is batch-normalized now: mean 0 over (N, H, W).
+    assert torch.allclose(out.mean(dim=(0, 2, 3)), torch.zeros(2), atol=1e-5)
