@@ -18,3 +18,17 @@ def test_custom_pass_example_runs():
     namespace: dict = {}
     exec(compile(blocks[0], "README.md", "exec"), namespace)
     assert namespace["report"]["simplify"].result.modified
+
+
+def test_pass_catalogue_example_runs_and_says_true():
+    blocks = python_blocks("Pass catalogue")
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    deploy, plain = namespace["deploy"], namespace["plain"]
+    import torch
+
+    def count(model, cls):
+        return sum(isinstance(m, cls) for m in model.modules())
+
+    assert count(deploy, torch.nn.Conv2d) == 22 and count(deploy, torch.nn.BatchNorm2d) == 0
+    assert count(plain, torch.nn.Conv2d) == 17 and "add" not in plain.code
