@@ -16,6 +16,8 @@ The result's notes hold the cost per site and in total ("sites", "total", "summa
 """
 from __future__ import annotations
 
+import os
+
 from rewrite.analysis.ranges import NonNegativity
 from rewrite.ir import Graph
 from rewrite.pass_manager import PassResult, RulePass, register_pass
@@ -63,13 +65,20 @@ def reserve_and_merge(ctx, add):
     return built.output
 
 
+def _block_label(site) -> str:
+    """The site's module path (e.g. layer1.0): the common prefix of its layers' paths, else the add's name."""
+    scopes = [n.scope.split(".") for n in site.main_nodes + site.shortcut.nodes if n.scope]
+    prefix = os.path.commonprefix(scopes) if scopes else []
+    return ".".join(prefix) or site.add.label
+
+
 def _site_note(site, built, x_nonnegative: bool) -> dict:
     convs = built.convs
     flops_known = all(c.flops_before is not None for c in convs)
     shortcut_params = sum(sum(t.numel() for k, t in n.params.items() if t is not None and k in ("weight", "bias"))
                           for n in site.shortcut.nodes)
     return {
-        "add": site.add.name,
+        "add": _block_label(site),
         "x": site.x.name,
         "x_nonnegative": x_nonnegative,
         "reserved_channels": built.reserved,

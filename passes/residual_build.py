@@ -62,11 +62,11 @@ def dirac_tap(conv: Node) -> tuple[int, ...]:
     taps = []
     for k, d, (before, after) in zip(weight.shape[2:], conv.attrs["dilation"], conv.attrs["padding"]):
         if before % d or before // d >= k:
-            raise SiteRefusal(f"{conv.name}: no kernel tap is aligned with the input pixels (padding {before} "
+            raise SiteRefusal(f"{conv.label}: no kernel tap is aligned with the input pixels (padding {before} "
                               f"before, dilation {d}, kernel {k}), so reserved channels cannot pass it exactly")
         c = before // d
         if after > (k - 1 - c) * d:
-            raise SiteRefusal(f"{conv.name} pads {after} after a kernel of {k} (dilation {d}): its last outputs "
+            raise SiteRefusal(f"{conv.label} pads {after} after a kernel of {k} (dilation {d}): its last outputs "
                               "read padding, which the shortcut does not see")
         taps.append(c)
     return tuple(taps)
@@ -101,7 +101,7 @@ def carry_slots(stages: list[Stage], reserved: int) -> list[Slots | None]:
         fits_previous = previous is None or previous.width_out == width_in
         if stage.groups > 1:
             if not fits_previous:
-                raise SiteRefusal(f"{stages[i - 1].conv.name} and {stage.conv.name} are grouped convs of different "
+                raise SiteRefusal(f"{stages[i - 1].conv.label} and {stage.conv.label} are grouped convs of different "
                                   "widths in a row; the reserved channels cannot be regrouped between them")
             plan[i] = slots
             continue
@@ -169,10 +169,10 @@ class BlockBuilder:
         self._check_strides(stages)
         plan = carry_slots(stages, self.signals.count)
         if stages[0].groups != 1:
-            raise SiteRefusal(f"the first conv {stages[0].conv.name} is grouped ({stages[0].groups} groups); its "
+            raise SiteRefusal(f"the first conv {stages[0].conv.label} is grouped ({stages[0].groups} groups); its "
                               "groups cannot reserve channels for all of x")
         if stages[-1].groups != 1:
-            raise SiteRefusal(f"the last conv {stages[-1].conv.name} is grouped ({stages[-1].groups} groups); its "
+            raise SiteRefusal(f"the last conv {stages[-1].conv.label} is grouped ({stages[-1].groups} groups); its "
                               "groups cannot read the reserved channels to merge the shortcut")
         value, layout, channels, index = self.site.x, [], 0, 0
         for item in self.site.main:
@@ -206,7 +206,7 @@ class BlockBuilder:
         """F is one conv: the shortcut is added into its kernel at the Dirac tap (no reserved channels)."""
         taps = dirac_tap(stage.conv)
         if tuple(stage.conv.attrs["stride"]) != tuple(self.site.shortcut.stride):
-            raise SiteRefusal(f"{stage.conv.name} strides by {tuple(stage.conv.attrs['stride'])}, the shortcut by "
+            raise SiteRefusal(f"{stage.conv.label} strides by {tuple(stage.conv.attrs['stride'])}, the shortcut by "
                               f"{tuple(self.site.shortcut.stride)}: their pixels do not align")
         weight, bias = stage.weight.clone(), stage.bias + self.site.shortcut.bias
         matrix = self.site.shortcut.matrix
@@ -214,7 +214,7 @@ class BlockBuilder:
         out_per_group = weight.shape[0] // stage.groups
         rows, cols = torch.nonzero(matrix, as_tuple=True)
         if bool((rows // out_per_group != cols // in_per_group).any()):
-            raise SiteRefusal(f"the shortcut mixes channels across the groups of {stage.conv.name}")
+            raise SiteRefusal(f"the shortcut mixes channels across the groups of {stage.conv.label}")
         weight[(rows, cols % in_per_group) + taps] += matrix[rows, cols]
         return self._emit_conv(stage, self.site.x, self._cast(weight), bias, stage.groups)
 
@@ -241,7 +241,7 @@ class BlockBuilder:
         """Reserved channels as whole extra groups: slot position u < min(in, out) carries input u."""
         if len(layout) % slots.width_in or any(j is not None and p % slots.width_in >= slots.width_out
                                                for p, j in enumerate(layout)):
-            raise SiteRefusal(f"the reserved channels reaching {stage.conv.name} do not fill its groups")
+            raise SiteRefusal(f"the reserved channels reaching {stage.conv.label} do not fill its groups")
         extra = len(layout) // slots.width_in
         new_layout: Layout = []
         for g in range(extra):
@@ -315,7 +315,7 @@ class BlockBuilder:
         out.dtype = like.dtype
         before = _numel(conv.params["weight"], conv.params.get("bias"))
         before += sum(_numel(bn.params.get("weight"), bn.params.get("bias")) for bn in stage.bns)
-        self.costs.append(ConvCost(conv.name, stage.weight.shape[0], weight.shape[0], before,
+        self.costs.append(ConvCost(conv.label, stage.weight.shape[0], weight.shape[0], before,
                                    weight.numel() + bias.numel(),
                                    _conv_flops(like, tuple(stage.weight.shape), self.spatial_dims),
                                    _conv_flops(out, tuple(weight.shape), self.spatial_dims)))
@@ -354,6 +354,6 @@ def _clamp_bounds(node: Node, channels: int, spatial_dims: int) -> tuple[torch.T
         if flat.numel() == 1:
             flat = flat.expand(channels)
         elif shape != [channels] + [1] * spatial_dims:
-            raise SiteRefusal(f"{node.name}'s {key} bound of shape {tuple(tensor.shape)} is not one per channel")
+            raise SiteRefusal(f"{node.label}'s {key} bound of shape {tuple(tensor.shape)} is not one per channel")
         bounds.append(flat.clone())
     return bounds[0], bounds[1]

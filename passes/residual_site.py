@@ -90,8 +90,8 @@ def _describe(node: Node) -> str:
     if node.kind == "opaque":
         target = node.attrs.get("target", node.attrs.get("op_type", "?"))
         label = getattr(target, "__name__", str(target))
-        return f"{node.name} ({label})"
-    return f"{node.name} ({node.kind})"
+        return f"{node.label} ({label})"
+    return f"{node.label} ({node.kind})"
 
 
 # -- finding x ---------------------------------------------------------------------------------
@@ -148,7 +148,7 @@ def collapse_shortcut(nodes: list[Node], channels: int, spatial_dims: int) -> Sh
     for node in nodes:
         if node.kind in SKIPPED:
             if node.attrs.get("training"):
-                raise SiteRefusal(f"the shortcut's {node.name} is a dropout in training mode")
+                raise SiteRefusal(f"the shortcut's {node.label} is a dropout in training mode")
             continue
         if node.kind == "batch_norm":
             why = bn_refusal(node)
@@ -156,20 +156,20 @@ def collapse_shortcut(nodes: list[Node], channels: int, spatial_dims: int) -> Sh
                 raise SiteRefusal(why)
             scale, shift = bn_affine(node)
             if scale.numel() != matrix.shape[0]:
-                raise SiteRefusal(f"the shortcut's {node.name} has {scale.numel()} channels, its input {matrix.shape[0]}")
+                raise SiteRefusal(f"the shortcut's {node.label} has {scale.numel()} channels, its input {matrix.shape[0]}")
             matrix, bias = scale[:, None] * matrix, scale * bias + shift
             continue
         if node.kind == "conv":
             weight, conv_bias = weight_bias(node)
             if any(k != 1 for k in weight.shape[2:]) or has_padding(node):
-                raise SiteRefusal(f"the shortcut conv {node.name} is not an unpadded 1x1 conv; only those merge "
+                raise SiteRefusal(f"the shortcut conv {node.label} is not an unpadded 1x1 conv; only those merge "
                                   "into the main path's last conv")
             if weight.dim() - 2 != spatial_dims:
-                raise SiteRefusal(f"the shortcut conv {node.name} has {weight.dim() - 2} spatial dims, the main path "
+                raise SiteRefusal(f"the shortcut conv {node.label} has {weight.dim() - 2} spatial dims, the main path "
                                   f"{spatial_dims}")
             dense = _dense_1x1(weight, node.attrs["groups"])
             if dense.shape[1] != matrix.shape[0]:
-                raise SiteRefusal(f"the shortcut conv {node.name} reads {dense.shape[1]} channels, "
+                raise SiteRefusal(f"the shortcut conv {node.label} reads {dense.shape[1]} channels, "
                                   f"its input has {matrix.shape[0]}")
             matrix, bias = dense @ matrix, dense @ bias + conv_bias
             stride = [s * t for s, t in zip(stride, node.attrs["stride"])]
@@ -198,15 +198,15 @@ def parse_main_path(nodes: list[Node]) -> list[Stage | Activation]:
     for node in nodes:
         if node.kind in SKIPPED:
             if node.attrs.get("training"):
-                raise SiteRefusal(f"{node.name} is a dropout in training mode; it is random, not linear")
+                raise SiteRefusal(f"{node.label} is a dropout in training mode; it is random, not linear")
             continue
         if node.kind == "conv":
             weight, bias = weight_bias(node)
             items.append(Stage(node, [], weight, bias))
         elif node.kind == "batch_norm":
             if not items or not isinstance(items[-1], Stage):
-                where = "starts the main path" if not items else f"follows {items[-1].node.name}"
-                raise SiteRefusal(f"batch_norm {node.name} {where}, not a conv, so it cannot be folded and its shift "
+                where = "starts the main path" if not items else f"follows {items[-1].node.label}"
+                raise SiteRefusal(f"batch_norm {node.label} {where}, not a conv, so it cannot be folded and its shift "
                                   "would reach the reserved channels (a pre-activation block)")
             why = bn_refusal(node)
             if why:
@@ -214,7 +214,7 @@ def parse_main_path(nodes: list[Node]) -> list[Stage | Activation]:
             stage = items[-1]
             scale, shift = bn_affine(node)
             if scale.numel() != stage.weight.shape[0]:
-                raise SiteRefusal(f"{node.name} has {scale.numel()} channels, {stage.conv.name} outputs "
+                raise SiteRefusal(f"{node.label} has {scale.numel()} channels, {stage.conv.label} outputs "
                                   f"{stage.weight.shape[0]}")
             stage.weight = stage.weight * scale.reshape(-1, *([1] * (stage.weight.dim() - 1)))
             stage.bias = stage.bias * scale + shift
@@ -222,9 +222,9 @@ def parse_main_path(nodes: list[Node]) -> list[Stage | Activation]:
         elif node.kind in ACTIVATIONS:
             items.append(Activation(node))
         elif node.kind == "avg_pool":
-            raise SiteRefusal(f"{node.name} (avg_pool) on the main path would average the reserved channels")
+            raise SiteRefusal(f"{node.label} (avg_pool) on the main path would average the reserved channels")
         elif node.kind == "conv_transpose":
-            raise SiteRefusal(f"{node.name} is a conv_transpose; reserved channels are carried only through convs")
+            raise SiteRefusal(f"{node.label} is a conv_transpose; reserved channels are carried only through convs")
         else:
             raise SiteRefusal(f"the main path has {_describe(node)}, which is neither linear nor a ReLU-family "
                               "activation (ReLU, ReLU6, Hardtanh, clamp)")
@@ -233,7 +233,7 @@ def parse_main_path(nodes: list[Node]) -> list[Stage | Activation]:
         raise SiteRefusal(f"the main path starts with {first}, not a conv that can reserve channels for x "
                           "(a pre-activation block)")
     if not isinstance(items[-1], Stage):
-        raise SiteRefusal(f"the main path ends with the activation {items[-1].node.name}; the shortcut can only be "
+        raise SiteRefusal(f"the main path ends with the activation {items[-1].node.label}; the shortcut can only be "
                           "merged into a conv")
     return items
 

@@ -9,13 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from rewrite.testing import check_pass, randomize_bn
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small convs on a shared two-core machine: one thread avoids oversubscription stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d}

@@ -20,13 +20,7 @@ from rewrite.verify import verify_torch
 timm = pytest.importorskip("timm")
 from timm.utils.model import reparameterize_model  # noqa: E402
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small convs on a shared two-core machine: one thread avoids oversubscription stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 EXPECTED_CONVS = {"repvgg_a0": 22, "mobileone_s0": 43, "repvgg_b1": 28}
