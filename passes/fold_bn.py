@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from rewrite.ir import Value
-from rewrite.params import (bias_f64, bn_affine, bn_refusal, f64, has_padding, input_shift_to_bias, out_channels,
-                            scale_input_channels, scaled_weight, weight_bias)
+from rewrite.params import (bias_f64, bn_affine, bn_refusal, f64, has_padding, in_channels, input_shift_to_bias,
+                            out_channels, scale_input_channels, scaled_weight, weight_bias)
 from rewrite.pass_manager import RulePass, register_pass
 from rewrite.rule import rule
 from rewrite.patterns import bn_conv, conv_bn, conv_scale, conv_shift, linear_bn
@@ -40,9 +40,24 @@ def _not_2d(value: Value, where: str) -> str | None:
     return f"batch_norm {where} linear folds only on 2-D (N, C) activations; the rank is {rank}"
 
 
+def _not_batched(conv, value: Value, where: str) -> str | None:
+    """Why a BN next to a conv cannot fold: BN normalizes axis 1, which is the conv's channel axis only
+    on batched activations. BatchNorm2d/3d insist on batched input; BatchNorm1d also takes (N, C), the
+    same rank as a Conv1d's unbatched (C, L), so there the rank must be known."""
+    rank, batched = _rank(value), conv.params["weight"].dim()
+    if rank == batched or (rank is None and batched > 3):
+        return None
+    seen = "unknown: pass example_inputs" if rank is None else f"{rank}, unbatched"
+    return f"batch_norm {where} {conv.label} folds only on batched activations of rank {batched}; the rank is {seen}"
+
+
+def _layout_refusal(conv, value: Value, where: str) -> str | None:
+    return _not_2d(value, where) if conv.kind == "linear" else _not_batched(conv, value, where)
+
+
 def _fold_after(ctx, x, conv, bn):
     """Fold an inference-mode BN into the conv / conv_transpose / linear that feeds it."""
-    why = bn_refusal(bn) or (_not_2d(conv.output, "after") if conv.kind == "linear" else None)
+    why = bn_refusal(bn) or _layout_refusal(conv, conv.output, "after")
     if why:
         return ctx.fail(why)
     scale, shift = bn_affine(bn)
@@ -66,10 +81,12 @@ def fold_bn_into_linear(ctx, x, linear, bn):
 @rule(bn_conv)
 def fold_bn_before_conv(ctx, x, bn, conv):
     """batch_norm -> conv / linear becomes one conv, when no zero padding sees the BN shift."""
-    why = bn_refusal(bn) or (_not_2d(bn.output, "before") if conv.kind == "linear" else None)
+    why = bn_refusal(bn) or _layout_refusal(conv, bn.output, "before")
     if why:
         return ctx.fail(why)
     scale, shift = bn_affine(bn)
+    if scale.numel() != in_channels(conv):
+        return ctx.fail(f"{bn.label} has {scale.numel()} channels, {conv.label} reads {in_channels(conv)}")
     if conv.kind == "conv" and conv.attrs.get("padding_mode", "zeros") == "zeros" and has_padding(conv) \
             and bool(shift.abs().max() > 0):
         return ctx.fail(f"{conv.label} zero-pads its input, so the border would see {bn.label}'s shift; "
@@ -80,29 +97,25 @@ def fold_bn_before_conv(ctx, x, bn, conv):
 
 
 def _channel_vector(conv, out: Value, const: torch.Tensor) -> torch.Tensor | None:
-    """`const` as one float64 factor per output channel of `conv`, or None if it broadcasts otherwise."""
-    channels = out_channels(conv)
-    if conv.kind == "linear":
-        rank, axis = _rank(out), -1
-        max_dims = rank if rank is not None else 1
-    else:
-        rank = _rank(out)
-        # Right-aligned, a constant of at most rank-1 dims lands on the same axes for batched and unbatched input.
-        axis, max_dims = 1, rank if rank is not None else conv.params["weight"].dim() - 1
-        rank = rank if rank is not None else conv.params["weight"].dim()
+    """`const` as one float64 factor per output channel of `conv`, or None if it broadcasts otherwise.
+
+    Broadcasting aligns from the right: a conv's channels sit just left of its spatial axes (batched
+    or not), a linear's on the last axis. A constant with more axes than the output would widen it.
+    """
+    rank = _rank(out)
+    from_right = 1 if conv.kind == "linear" else conv.params["weight"].dim() - 1  # channel axis, counted from the end
+    max_dims = rank if rank is not None else from_right  # unknown rank: only what fits every layout
     if const.dim() > max_dims:
         return None
     if const.dim() > 0 and const.dtype != conv.params["weight"].dtype:
         return None  # a non-scalar tensor of another dtype would change the result's dtype
-    dims = list(const.shape)
-    channel_pos = len(dims) - 1 if axis == -1 else len(dims) - (rank - axis)
-    for i, size in enumerate(dims):
-        if i != channel_pos and size != 1:
-            return None
+    channel_pos = const.dim() - from_right
+    if any(size != 1 for i, size in enumerate(const.shape) if i != channel_pos):
+        return None
     values = f64(const).reshape(-1)
     if values.numel() == 1:
-        return values.expand(channels).clone()
-    return values if values.numel() == channels and 0 <= channel_pos < len(dims) else None
+        return values.expand(out_channels(conv)).clone()
+    return values if values.numel() == out_channels(conv) and channel_pos >= 0 else None
 
 
 @rule(conv_scale)

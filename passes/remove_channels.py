@@ -20,6 +20,7 @@ import torch
 
 from rewrite.analysis.channels import ChannelGraph, channel_graph
 from rewrite.ir import Graph
+from rewrite.errors import PassError
 from rewrite.pass_manager import Pass, PassResult, Refused, Rewritten, register_pass
 
 from .channels_surgery import Surgery
@@ -131,10 +132,10 @@ class RemoveChannels(Pass):
             result.refused.append(Refused(RULE, "<graph>", "remove_channels needs example_inputs: tensor ranks and "
                                                            f"channel counts are unknown (inputs {missing})"))
             return result
-        threshold = options.get("threshold")
+        threshold = _threshold(options.get("threshold"))
         probe = _OutputProbe(graph, options.get("example_inputs")) if threshold is not None else None
         if threshold is not None:
-            result.counts["zeroed_gammas"] += zero_small_gammas(graph, float(threshold))
+            result.counts["zeroed_gammas"] += zero_small_gammas(graph, threshold)
         graph.topological_sort()
         cg = channel_graph(graph)
         decision = Decision(cg)
@@ -201,3 +202,16 @@ class _OutputProbe:
 
 
 remove_channels = register_pass(RemoveChannels())
+
+
+def _threshold(value) -> float | None:
+    """The lossy mode's threshold, checked: a non-negative number, or None for the exact mode."""
+    if value is None:
+        return None
+    try:
+        threshold = float(value)
+    except (TypeError, ValueError):
+        threshold = float("nan")
+    if not threshold >= 0:
+        raise PassError(f"threshold must be a non-negative number, not {value!r}", where="pass remove_channels")
+    return threshold

@@ -297,6 +297,10 @@ def _site(graph: Graph, add: Node, x: Value, main: Value, short: Value) -> Resid
         raise refuse(refusal.reason, 3, n) from None
     if x.shape is None or main.shape is None or short.shape is None:
         raise refuse("the shapes around the add are unknown; pass example_inputs", 3, n)
+    if len(x.shape) != first.params["weight"].dim():
+        # BatchNorm normalizes axis 1, the channel axis only of batched activations.
+        raise refuse(f"the block input has rank {len(x.shape)}, not the batched rank {first.params['weight'].dim()} "
+                     "of its convs (unbatched input)", 3, n)
     if tuple(main.shape) != tuple(short.shape):
         raise refuse(f"the add broadcasts ({tuple(main.shape)} + {tuple(short.shape)}); only equal shapes are merged",
                      3, n)

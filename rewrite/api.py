@@ -61,6 +61,8 @@ def apply(model: Any, passes: Sequence[str | Pass] = ("fold_bn",), example_input
 
 def _apply(model, passes, example_inputs, verify, return_report, inplace, options, tolerance, frontend_options):
     frontend = frontend_for(model)
+    if isinstance(passes, (str, Pass)):
+        passes = [passes]
     pass_objects = [get_pass(p) for p in passes]
     graph = frontend.load(model, example_inputs, **frontend_options)
     report = Report(frontend.name, nodes_before=op_counts(graph))

@@ -5,7 +5,7 @@ from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from .errors import PassError
+from .errors import PassError, RewriteError
 from .ir import Graph, Node, Value, is_pure
 from .pattern import match
 from .rule import Refusal, RewriteContext, Rule
@@ -112,7 +112,13 @@ class RulePass(Pass):
                     refusals[(r.name, node.name)] = (Refused(r.name, node.label, reason), list(found.nodes))
                     continue
                 ctx = RewriteContext(graph, node, options)
-                outcome = r(ctx, found.bindings)
+                try:
+                    outcome = r(ctx, found.bindings)
+                except RewriteError:
+                    raise
+                except Exception as exc:  # a rule's own bug: leave the site as it was, and say so
+                    outcome = Refusal(f"internal error in rule {r.name}: {type(exc).__name__}: {exc} "
+                                      "(the site was left unchanged; please report it)")
                 if outcome is None or isinstance(outcome, Refusal):
                     _discard(graph, ctx.created)
                     if isinstance(outcome, Refusal):

@@ -193,3 +193,24 @@ def test_float64_results_share_no_storage_with_the_input():
     out = rewrite.apply(wrapped, ["fold_bn"])
     inputs = {t.untyped_storage().data_ptr() for t in list(wrapped.parameters()) + list(wrapped.buffers())}
     assert not inputs & {t.untyped_storage().data_ptr() for t in out.parameters()}
+
+
+def test_a_single_pass_name_is_one_pass():
+    out, report = rewrite.apply(small_net(), "fold_bn", return_report=True)
+    assert [p.name for p in report.passes] == ["fold_bn"]
+
+
+def test_a_rule_that_crashes_leaves_the_site_and_says_so():
+    from rewrite import P, rule
+    from rewrite.pass_manager import RulePass
+
+    @rule(P.op("relu", P.any("x")))
+    def broken(ctx, x):
+        raise ZeroDivisionError("oops")
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    out, report = rewrite.apply(model, [RulePass("broken", [broken])], return_report=True)
+    refused = report["broken"].result.refused
+    assert refused and "internal error in rule broken: ZeroDivisionError: oops" in refused[0].reason
+    x = torch.randn(2, 3)
+    assert torch.equal(out(x), model(x))

@@ -278,3 +278,58 @@ def test_cleanup_keeps_random_networks_equivalent(case):
     model, x = case
     result = check_pass("cleanup", model, x, expect_rewrite=False)
     assert "identity" not in {n.kind for n in rewrite.frontends.fx.import_module(result.model).nodes}
+
+
+# -- unbatched activations: BN's axis 1 is not the conv's channel axis ---------------------------
+def test_conv1d_bn1d_on_unbatched_input_is_refused():
+    model = randomize_bn(nn.Sequential(nn.Conv1d(3, 4, 1), nn.BatchNorm1d(4))).eval()
+    check_pass("fold_bn", model, torch.randn(3, 4), refuses="unbatched")
+
+
+def test_bn1d_before_conv1d_on_unbatched_input_is_refused():
+    model = randomize_bn(nn.Sequential(nn.BatchNorm1d(4), nn.Conv1d(4, 2, 1))).eval()
+    check_pass("fold_bn", model, torch.randn(4, 4), refuses="unbatched")
+
+
+def test_bn1d_with_other_channels_than_the_conv_reads_is_refused():
+    model = randomize_bn(nn.Sequential(nn.BatchNorm1d(6), nn.Conv1d(4, 2, 1))).eval()
+    check_pass("fold_bn", model, torch.randn(4, 6), refuses="unbatched")
+
+
+def test_conv1d_bn1d_without_shapes_is_refused_but_conv2d_bn2d_folds():
+    conv1d = randomize_bn(nn.Sequential(nn.Conv1d(3, 4, 1), nn.BatchNorm1d(4))).eval()
+    _, report = rewrite.apply(conv1d, ["fold_bn"], return_report=True)
+    assert not report["fold_bn"].result.modified and "example_inputs" in report["fold_bn"].result.refused[0].reason
+    conv2d = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))).eval()
+    assert rewrite.apply(conv2d, ["fold_bn"], return_report=True)[1]["fold_bn"].result.modified
+
+
+class UnbatchedScale(nn.Module):
+    def __init__(self, factor_shape):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.register_buffer("factor", torch.randn(factor_shape))
+
+    def forward(self, x):
+        return self.conv(x) * self.factor
+
+
+def test_constants_on_unbatched_conv_outputs():
+    x = torch.randn(3, 4, 5)  # (C, H, W): channels on axis 0
+    check_pass("fold_bn", UnbatchedScale((4, 1)).eval(), x, refuses="per output channel")
+    check_pass("fold_bn", UnbatchedScale((1, 4, 1, 1)).eval(), x, refuses="per output channel")
+    check_pass("fold_bn", UnbatchedScale((4, 1, 1)).eval(), x, dtype=torch.float64)
+
+
+class FloatScalars(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return self.conv(x) * 0.1 + 0.3
+
+
+def test_python_float_scalars_stay_exact_in_float64():
+    result = check_pass("fold_bn", FloatScalars().eval(), torch.randn(2, 3, 4, 4), dtype=torch.float64)
+    assert result.max_rel <= 1e-10

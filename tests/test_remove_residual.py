@@ -271,6 +271,22 @@ def test_near_misses_are_refused_with_their_reason(case):
     check_pass("remove_residual", model, x, refuses=reason)
 
 
+class UnbatchedBlock(nn.Module):
+    """Conv1d blocks on (C, L) input: BatchNorm1d would normalize L, not the channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn, self.c2 = nn.Conv1d(4, 4, 1), nn.BatchNorm1d(4), nn.Conv1d(4, 4, 1)
+
+    def forward(self, x):
+        return x + self.c2(torch.relu(self.bn(self.c1(x))))
+
+
+def test_unbatched_block_is_refused():
+    model = randomize_bn(UnbatchedBlock()).eval()
+    check_pass("remove_residual", model, torch.randn(4, 4), refuses="unbatched")
+
+
 def test_training_mode_bn_is_refused():
     spec = BlockSpec("basic", 4, 4, 4, 1, False, 3, 1, 1, "identity", "relu", True, True)
     model, x = make_block(spec)

@@ -409,7 +409,9 @@ class FxImporter:
             if isinstance(operand, fx.Node):
                 node.add_input(self.values[operand])
             else:
-                const = Node("constant", f"{fx_node.name}_scalar", params={"value": torch.tensor(float(operand))})
+                # float64 keeps a Python float exact; a 0-d tensor does not promote a float32 operand.
+                const = Node("constant", f"{fx_node.name}_scalar",
+                             params={"value": torch.tensor(float(operand), dtype=torch.float64)})
                 self.graph.append(const)
                 node.add_input(const.output)
         args, kwargs = self._template_without_inputs(node, fx_node)
