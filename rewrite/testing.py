@@ -116,9 +116,11 @@ class ConvConfig:
         cls = {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d, 3: torch.nn.BatchNorm3d}[self.dims]
         return cls(channels or self.out_channels)
 
-    def example(self, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    def example(self, batch: int | None = 2, seed: int = 0) -> torch.Tensor:
+        """A random input; batch=None gives an unbatched one, (C, *spatial)."""
         g = torch.Generator().manual_seed(seed)
-        return torch.randn(batch, self.in_channels, *([self.size] * self.dims), generator=g)
+        leading = () if batch is None else (batch,)
+        return torch.randn(*leading, self.in_channels, *([self.size] * self.dims), generator=g)
 
 
 @st.composite

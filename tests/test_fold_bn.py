@@ -333,3 +333,38 @@ class FloatScalars(nn.Module):
 def test_python_float_scalars_stay_exact_in_float64():
     result = check_pass("fold_bn", FloatScalars().eval(), torch.randn(2, 3, 4, 4), dtype=torch.float64)
     assert result.max_rel <= 1e-10
+
+
+class ConvTimesConstant(nn.Module):
+    def __init__(self, conv, factor, shift):
+        super().__init__()
+        self.conv = conv
+        self.register_buffer("factor", factor)
+        self.register_buffer("shift", shift)
+
+    def forward(self, x):
+        return self.conv(x) * self.factor + self.shift
+
+
+@settings(max_examples=25)
+@given(cfg=conv_configs(), batched=st.booleans(), leading_one=st.booleans(), seed=st.integers(0, 2**16))
+def test_per_channel_constants_on_batched_and_unbatched_outputs(cfg, batched, leading_one, seed):
+    torch.manual_seed(seed)
+    # (C, 1, ..) is per channel in both layouts; (1, C, 1, ..) only when batched (else it adds an axis).
+    shape = (cfg.out_channels,) + (1,) * cfg.dims
+    shape = (1,) + shape if leading_one else shape
+    model = ConvTimesConstant(cfg.conv(), torch.randn(shape), torch.randn(shape)).eval()
+    x = cfg.example(batch=2 if batched else None, seed=seed)
+    if leading_one and not batched:
+        check_pass("fold_bn", model, x, refuses="per output channel")
+    else:
+        result = check_pass("fold_bn", model, x, dtype=torch.float64)
+        assert result.report["fold_bn"].result.counts["fold_scale_into_conv"] == 1
+
+
+@settings(max_examples=15)
+@given(case=random_networks())
+def test_fold_bn_on_random_networks_in_float64(case):
+    model, x = case
+    result = check_pass("fold_bn", model, x, dtype=torch.float64, expect_rewrite=False)
+    assert result.max_rel <= 1e-10
