@@ -26,7 +26,7 @@ import networkx as nx
 import torch
 
 from ..ir import Graph, Node, Value
-from ..params import bn_affine, bn_refusal, f64
+from ..params import bn_affine, bn_refusal, f64, out_channels
 
 _ELEMENTWISE = ("relu", "clamp", "identity", "dropout", "max_pool", "avg_pool", "adaptive_avg_pool")
 
@@ -179,34 +179,34 @@ class _Builder:
         pass  # an operand of add / mul, handled there; elsewhere its readers pin what they read
 
     # -- convolutions and linear layers -------------------------------------------------------
-    def _visit_conv(self, node: Node) -> None:
+    def _enter_conv(self, node: Node) -> tuple[Space, Space] | None:
+        """Couple a conv's / conv_transpose's input and output channel spaces (whole groups when grouped)."""
         x, out = node.inputs[0], node.output
         sx = self.g.space(x)
         w = node.params["weight"]
         groups = node.attrs["groups"]
         if sx is None or _rank(x) != w.dim() or sx.mult != 1 or _rank(out) != w.dim():
             self.pin(sx, f"{node.label} reads it in a layout other than (N, C, ...)", node.label)
-            return
-        so = self.new_space(out, w.shape[0])
+            return None
+        so = self.new_space(out, out_channels(node))
         if groups > 1:
             self._couple_groups(node, sx, so, groups)
         else:
             self._exit(node, sx)
-        self.g.const[id(so)] = self._conv_constants(node, self.g.constants(sx), so)
+        return sx, so
+
+    def _visit_conv(self, node: Node) -> None:
+        spaces = self._enter_conv(node)
+        if spaces is not None:
+            sx, so = spaces
+            self.g.const[id(so)] = self._conv_constants(node, self.g.constants(sx), so)
 
     def _visit_conv_transpose(self, node: Node) -> None:
-        x, out = node.inputs[0], node.output
-        sx = self.g.space(x)
-        w = node.params["weight"]
-        groups = node.attrs["groups"]
-        if sx is None or _rank(x) != w.dim() or sx.mult != 1 or _rank(out) != w.dim():
-            self.pin(sx, f"{node.label} reads it in a layout other than (N, C, ...)", node.label)
+        spaces = self._enter_conv(node)
+        if spaces is None:
             return
-        so = self.new_space(out, w.shape[1] * groups)
-        if groups > 1:
-            self._couple_groups(node, sx, so, groups)
-        else:
-            self._exit(node, sx)
+        sx, so = spaces
+        w, groups = node.params["weight"], node.attrs["groups"]
         # Each output position sums a different set of taps: constant only when its inputs are all 0.
         c = self.g.constants(sx).reshape(groups, -1)  # (g, in per group)
         nz = w.detach().reshape(groups, c.shape[1], -1, *w.shape[2:]).flatten(3).ne(0).any(-1)  # (g, ipg, opg)
