@@ -14,12 +14,13 @@ import importlib
 import json
 import os
 import sys
-import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import EquivalenceError, ModelLoadError, RewriteError
+from .files import atomic_write
 
 EXIT_BAD_INPUT = 2
 EXIT_NOT_EQUIVALENT = 3
@@ -57,22 +58,8 @@ def parse_shape(text: str) -> tuple[int, ...]:
         raise ModelLoadError(f"an input shape is comma-separated integers, not {text!r}") from None
 
 
-def atomic_write(path: str, write) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".rewrite-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_model(model: Any, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if isinstance(model, torch.nn.Module):
         atomic_write(path, lambda tmp: torch.save(model, tmp))
         return
@@ -96,7 +83,8 @@ def _cmd_apply(args) -> int:
     out, report = apply(model, passes, example_inputs=example, verify=args.verify, return_report=True)
     print(report)
     if args.report_json:
-        atomic_write(args.report_json, lambda tmp: open(tmp, "w").write(json.dumps(report.to_dict(), indent=2)))
+        os.makedirs(os.path.dirname(os.path.abspath(args.report_json)), exist_ok=True)
+        atomic_write(args.report_json, lambda tmp: Path(tmp).write_text(json.dumps(report.to_dict(), indent=2)))
     if args.output:
         save_model(out, args.output)
         print(f"\nwrote {args.output}")

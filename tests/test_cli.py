@@ -24,7 +24,7 @@ def test_apply_writes_a_loadable_equivalent_model(tmp_path, capsys):
     ref = default_model()(x)
     assert (fused(x) - ref).abs().max() / ref.abs().max() <= 1e-5
     assert "fold_bn" in (tmp_path / "report.json").read_text()
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".rewrite-")] == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
 
 
 def test_saved_model_can_be_rewritten_again(tmp_path):
@@ -110,3 +110,11 @@ def test_truncated_onnx_file_exits_2_and_writes_nothing(tmp_path, capsys):
     assert main(["apply", str(src), "-o", str(out)]) == 2
     assert "demo.onnx" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_unwritable_output_exits_2_naming_the_file(tmp_path, capsys):
+    target = tmp_path / "taken"
+    target.mkdir()  # a folder where the output file should go
+    assert main(["apply", "rewrite.demo:default_model", "-o", str(target)]) == 2
+    assert "taken" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"] and not any(target.iterdir())

@@ -1,6 +1,6 @@
 """Loading, checking and saving ONNX models, with errors that name the file and the node.
 
-Saving is atomic (a temporary file in the target directory, then `os.replace`), so a failed save
+Saving is atomic (rewrite.files.atomic_write: a temporary file, then `os.replace`), so a failed save
 never leaves a partial model behind. Models too big for one protobuf (2 GB) keep their weights
 in an external data file written next to the model.
 """
@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import onnx
 
 from ..errors import ModelLoadError, RewriteError
+from ..files import atomic_write, first_line
 
 # Protobuf refuses to serialize a message of 2 GB or more; stay clearly below it.
 PROTOBUF_LIMIT = 2**31 - 2**20
@@ -95,7 +95,7 @@ def load_onnx(path: str | os.PathLike, load_external_data: bool = True) -> onnx.
     try:
         model = onnx.load(path, load_external_data=load_external_data)
     except Exception as exc:  # protobuf DecodeError, missing external data, ...
-        raise ModelLoadError(f"not a readable ONNX model ({type(exc).__name__}: {_first_line(exc)})",
+        raise ModelLoadError(f"not a readable ONNX model ({type(exc).__name__}: {first_line(exc)})",
                              where=where) from None
     if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
         # An arbitrary byte string often parses as an empty ModelProto.
@@ -116,7 +116,7 @@ def check_onnx(model: onnx.ModelProto, source=None) -> None:
         onnx.checker.check_model(weightless_copy(model, keep_dims=False))
     except onnx.checker.ValidationError as exc:
         node = _node_in(str(exc))
-        raise ModelLoadError(f"the model fails onnx.checker: {_first_line(exc)}",
+        raise ModelLoadError(f"the model fails onnx.checker: {first_line(exc)}",
                              where=where + (f", node {node}" if node else "")) from None
     _check_big_tensors(model, where)
 
@@ -127,38 +127,28 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, external_data: bo
     `model` is not changed: external data is written from a copy.
     """
     path = Path(os.fspath(path))
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise RewriteError("the output directory does not exist", where=f"file {path}")
     if external_data is None:
         external_data = approx_size(model) >= PROTOBUF_LIMIT
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
     data_name = path.name + ".data"
-    tmp_data = None
-    try:
-        if external_data:
-            # The data file is written under a temporary name too, then both are moved into place.
-            tmp_data = tmp + ".data"
+
+    def write(tmp: str) -> None:
+        if not external_data:
+            onnx.save_model(model, tmp)
+            return
+        # The data file is written under a temporary name too, and moved into place before the model.
+        tmp_data = tmp + ".data"
+        try:
             copy = onnx.ModelProto()
             copy.CopyFrom(model)  # save_model moves the tensors of the model it is given to external data
             onnx.save_model(copy, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
                             location=os.path.basename(tmp_data), size_threshold=0)
             _relocate_external_data(tmp, data_name)
-            os.replace(tmp_data, directory / data_name)
-            tmp_data = None
-        else:
-            onnx.save_model(model, tmp)
-        os.replace(tmp, path)
-    except Exception as exc:
-        for leftover in (tmp, tmp_data):
-            if leftover and os.path.exists(leftover):
-                os.unlink(leftover)
-        if isinstance(exc, RewriteError):
-            raise
-        raise RewriteError(f"could not save the model: {type(exc).__name__}: {_first_line(exc)}",
-                           where=f"file {path}") from None
-    return path
+            os.replace(tmp_data, path.parent / data_name)
+        finally:
+            if os.path.exists(tmp_data):
+                os.unlink(tmp_data)
+
+    return atomic_write(path, write)
 
 
 def _relocate_external_data(model_path: str, location: str) -> None:
@@ -169,12 +159,6 @@ def _relocate_external_data(model_path: str, location: str) -> None:
             if entry.key == "location":
                 entry.value = location
     onnx.save_model(model, model_path)
-
-
-def _first_line(exc: BaseException) -> str:
-    """The message on one line (checker messages span several), kept short."""
-    text = " ".join(str(exc).split())
-    return (text[:400] + " ...") if len(text) > 400 else (text or type(exc).__name__)
 
 
 def _node_in(message: str) -> str | None:
