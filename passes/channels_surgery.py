@@ -48,10 +48,18 @@ class Surgery:
         self.changed.append(node)
 
     # -- layers with weights ----------------------------------------------------------------
-    def _conv(self, node: Node) -> None:
+    def _shrunk_spaces(self, node: Node) -> tuple[Space | None, Space] | None:
+        """The input and output channel spaces of a conv / conv_transpose, if either lost channels."""
         sx, so = self.cg.space(node.inputs[0]), self.cg.space(node.output)
         if so is None or not (self.shrunk(sx) or self.shrunk(so)):
+            return None
+        return sx, so
+
+    def _conv(self, node: Node) -> None:
+        spaces = self._shrunk_spaces(node)
+        if spaces is None:
             return
+        sx, so = spaces
         w, bias = node.params["weight"], node.params.get("bias")
         groups = node.attrs["groups"]
         out_keep = self.kept(so)
@@ -68,9 +76,10 @@ class Surgery:
         self._rebuilt(node, {"weight": w, "bias": bias}, groups=new_groups)
 
     def _conv_transpose(self, node: Node) -> None:
-        sx, so = self.cg.space(node.inputs[0]), self.cg.space(node.output)
-        if so is None or not (self.shrunk(sx) or self.shrunk(so)):
+        spaces = self._shrunk_spaces(node)
+        if spaces is None:
             return
+        sx, so = spaces
         w, bias = node.params["weight"], node.params.get("bias")
         groups = node.attrs["groups"]
         out_keep = self.kept(so)

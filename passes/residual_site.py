@@ -139,6 +139,15 @@ def chain_to(graph: Graph, operand: Value, x: Value) -> tuple[list[Node], str | 
     return nodes[::-1], None
 
 
+def _skipped(node: Node, where: str = "") -> bool:
+    """Identity and inference dropout carry their input unchanged; a training dropout refuses the site."""
+    if node.kind not in SKIPPED:
+        return False
+    if node.attrs.get("training"):
+        raise SiteRefusal(f"{where}{node.label} is a dropout in training mode; it is random, not linear")
+    return True
+
+
 # -- the shortcut -----------------------------------------------------------------------------
 def collapse_shortcut(nodes: list[Node], channels: int, spatial_dims: int) -> Shortcut:
     """The shortcut chain as one affine map per pixel; raises SiteRefusal if it is not one."""
@@ -146,9 +155,7 @@ def collapse_shortcut(nodes: list[Node], channels: int, spatial_dims: int) -> Sh
     bias = torch.zeros(channels, dtype=torch.float64)
     stride = [1] * spatial_dims
     for node in nodes:
-        if node.kind in SKIPPED:
-            if node.attrs.get("training"):
-                raise SiteRefusal(f"the shortcut's {node.label} is a dropout in training mode")
+        if _skipped(node, "the shortcut's "):
             continue
         if node.kind == "batch_norm":
             why = bn_refusal(node)
@@ -196,9 +203,7 @@ def parse_main_path(nodes: list[Node]) -> list[Stage | Activation]:
     """Group the main chain into conv stages and activations; raises SiteRefusal otherwise."""
     items: list[Stage | Activation] = []
     for node in nodes:
-        if node.kind in SKIPPED:
-            if node.attrs.get("training"):
-                raise SiteRefusal(f"{node.label} is a dropout in training mode; it is random, not linear")
+        if _skipped(node):
             continue
         if node.kind == "conv":
             weight, bias = weight_bias(node)
