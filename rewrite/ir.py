@@ -179,12 +179,6 @@ class Graph:
         """Number of reads of a value, counting each graph output as one read."""
         return len(value.uses) + sum(1 for v in self.outputs if v is value)
 
-    def find(self, name: str) -> Node:
-        for node in self._nodes:
-            if node.name == name:
-                return node
-        raise KeyError(name)
-
     def count(self, kind: str) -> int:
         return sum(1 for n in self._nodes if n.kind == kind)
 

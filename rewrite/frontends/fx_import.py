@@ -81,7 +81,7 @@ def bn_node_parts(running_mean, running_var, weight, bias, training, momentum, e
     return attrs, params
 
 
-def pool_attrs(kind: str, kernel_size, stride, padding, dims: int, **extra) -> dict:
+def pool_attrs(kernel_size, stride, padding, dims: int, **extra) -> dict:
     kernel = _tuple(kernel_size, dims)
     stride = kernel if stride is None or stride == [] or stride == () else _tuple(stride, dims)
     attrs = {"kernel_size": kernel, "stride": stride, "padding": _pairs(padding, dims)}
@@ -133,11 +133,11 @@ def recognize_module(m: nn.Module, nargs: int):
         return "flatten", {"start_dim": m.start_dim, "end_dim": m.end_dim}, {}
     for cls, dims in _MAXPOOLS.items():
         if _plain(m, cls) and not m.return_indices:
-            return "max_pool", pool_attrs("max", m.kernel_size, m.stride, m.padding, dims,
+            return "max_pool", pool_attrs(m.kernel_size, m.stride, m.padding, dims,
                                           dilation=_tuple(m.dilation, dims), ceil_mode=m.ceil_mode), {}
     for cls, dims in _AVGPOOLS.items():
         if _plain(m, cls):
-            return "avg_pool", pool_attrs("avg", m.kernel_size, m.stride, m.padding, dims, ceil_mode=m.ceil_mode,
+            return "avg_pool", pool_attrs(m.kernel_size, m.stride, m.padding, dims, ceil_mode=m.ceil_mode,
                                           count_include_pad=m.count_include_pad,
                                           divisor_override=getattr(m, "divisor_override", None)), {}
     for cls, dims in _ADAPTIVE.items():
