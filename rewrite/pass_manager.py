@@ -111,9 +111,9 @@ class RulePass(Pass):
                               "rewriting would change that reader's input")
                     refusals[(r.name, node.name)] = (Refused(r.name, node.label, reason), list(found.nodes))
                     continue
-                ctx = RewriteContext(graph, node, options)
+                ctx = RewriteContext(graph, node, options, r.name)
                 try:
-                    outcome = r(ctx, found.bindings)
+                    outcome = r.check_outcome(r(ctx, found.bindings))
                 except RewriteError:
                     raise
                 except Exception as exc:  # a rule's own bug: leave the site as it was, and say so

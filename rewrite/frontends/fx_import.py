@@ -16,7 +16,9 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ir import Graph, Node, Value
+from ..errors import RewriteError
+from ..ir import Graph, Node, Value, clamp_bound
+from .fx_forms import FxForms, bind_call, function_form, module_parts
 
 
 @dataclass(frozen=True)
@@ -122,9 +124,9 @@ def recognize_module(m: nn.Module, nargs: int):
     if _plain(m, nn.ReLU):
         return "relu", {}, {}
     if _plain(m, nn.ReLU6):
-        return "clamp", {"min": 0.0, "max": 6.0}, {}
+        return "clamp", {}, {"min": clamp_bound(0.0), "max": clamp_bound(6.0)}
     if _plain(m, nn.Hardtanh):
-        return "clamp", {"min": float(m.min_val), "max": float(m.max_val)}, {}
+        return "clamp", {}, {"min": clamp_bound(m.min_val), "max": clamp_bound(m.max_val)}
     if _plain(m, nn.Identity):
         return "identity", {}, {}
     if _plain(m, *_DROPOUTS):
@@ -193,6 +195,7 @@ class FxImporter:
         self.values: dict[fx.Node, Value] = {}
         self.placeholders: list[tuple[str, Any]] = []
         self.splits: dict[fx.Node, Node] = {}  # recognized split / chunk calls, whose getitems become outputs
+        self.forms = FxForms()  # the ops whose definitions give plain fx forms (activations, user ops)
 
     # The import proper --------------------------------------------------------------------
     def run(self) -> Graph:
@@ -209,6 +212,7 @@ class FxImporter:
                 self.values[fx_node] = self._import_node(fx_node)
         self.graph.meta.update(frontend="fx", fx_root=self.root, fx_placeholders=self.placeholders)
         self.graph.eliminate_dead_code()
+        self.graph.mark_imported()
         return self.graph
 
     def _import_output(self, fx_node: fx.Node) -> None:
@@ -254,6 +258,8 @@ class FxImporter:
         node.attrs["fx_op"] = fx_node.op
         node.attrs["target"] = fx_node.target
         node.attrs["pure"] = _is_pure_call(fx_node)
+        node.attrs["call"] = getattr(fx_node.target, "__name__", str(fx_node.target))
+        node.attrs["nonnegative"] = _is_nonnegative_call(fx_node)
         node.origin = FxOrigin(fx_node.op, fx_node.target, args, kwargs, fx_node.name)
         return self._finish(node, fx_node)
 
@@ -270,11 +276,15 @@ class FxImporter:
     def _recognize(self, fx_node: fx.Node) -> Value | None:
         if fx_node.op == "call_module":
             module = self.root.get_submodule(fx_node.target)
-            found = recognize_module(module, len(fx_node.args) + len(fx_node.kwargs))
+            nargs = len(fx_node.args) + len(fx_node.kwargs)
+            found = recognize_module(module, nargs) or self._module_form(module, nargs)
             if found is None or not isinstance(fx_node.args[0], fx.Node):
                 return None
             kind, attrs, params = found
-            return self._make(kind, fx_node, [fx_node.args[0]], attrs, params)
+            try:
+                return self._make(kind, fx_node, [fx_node.args[0]], attrs, params)
+            except RewriteError:
+                return None  # module settings the definition does not accept (Softmax(dim=None), ...)
         shaped = self._recognize_shaped(fx_node)
         if shaped is not None:
             return shaped
@@ -283,13 +293,35 @@ class FxImporter:
         elif fx_node.op == "call_method" and fx_node.target in _METHODS:
             kind, sig = _METHODS[fx_node.target]
         else:
-            return None
+            return self._call_form(fx_node)
         try:
             bound = inspect.signature(sig).bind(*fx_node.args, **fx_node.kwargs)
         except TypeError:
             return None
         bound.apply_defaults()
         return self._recognize_call(kind, fx_node, dict(bound.arguments))
+
+    def _module_form(self, module: nn.Module, nargs: int):
+        op = self.forms.module_op(module)
+        if op is None or nargs != len(op.inputs) or op.variadic:
+            return None
+        parts = module_parts(op, module)
+        return None if parts is None else (op.kind, *parts)
+
+    def _call_form(self, fx_node: fx.Node) -> Value | None:
+        """A call of an op whose definition lists this function or method (activations, user ops)."""
+        op = self.forms.call_op(fx_node)
+        if op is None or op.variadic:
+            return None
+        fn = fx_node.target if fx_node.op == "call_function" else function_form(op)
+        bound = bind_call(op, fn, fx_node.args, fx_node.kwargs, self._attr_tensor)
+        if bound is None:
+            return None
+        operands, attrs, params = bound
+        try:
+            return self._make(op.kind, fx_node, operands, attrs, params)
+        except RewriteError:
+            return None  # arguments of a form the definition does not accept (a None dim, ...): keep the call
 
     def _recognize_call(self, kind: str, fx_node: fx.Node, a: dict) -> Value | None:
         x = a.get("input")
@@ -316,20 +348,20 @@ class FxImporter:
         if kind in ("relu", "relu6", "hardtanh", "clamp", "flatten", "dropout", "adaptive_avg_pool"):
             if not isinstance(x, fx.Node) or any(isinstance(v, fx.Node) for k, v in a.items() if k != "input"):
                 return None
-            attrs = {}
+            attrs, params = {}, {}
             if kind == "relu6":
-                kind, attrs = "clamp", {"min": 0.0, "max": 6.0}
+                kind, params = "clamp", {"min": clamp_bound(0.0), "max": clamp_bound(6.0)}
             elif kind == "hardtanh":
-                kind, attrs = "clamp", {"min": float(a["min_val"]), "max": float(a["max_val"])}
+                kind, params = "clamp", {"min": clamp_bound(a["min_val"]), "max": clamp_bound(a["max_val"])}
             elif kind == "clamp":
-                attrs = {"min": _opt_float(a["min"]), "max": _opt_float(a["max"])}
+                params = {"min": clamp_bound(_opt_float(a["min"])), "max": clamp_bound(_opt_float(a["max"]))}
             elif kind == "flatten":
                 attrs = {"start_dim": a["start_dim"], "end_dim": a["end_dim"]}
             elif kind == "dropout":
                 attrs = {"p": a["p"], "training": bool(a["training"])}
             elif kind == "adaptive_avg_pool":
                 attrs = {"output_size": _tuple(a["output_size"], 2)}
-            return self._make(kind, fx_node, [x], attrs, {})
+            return self._make(kind, fx_node, [x], attrs, params)
         if kind in ("add", "mul"):
             if a.get("alpha", 1) != 1:
                 return None
@@ -457,6 +489,17 @@ def _is_pure_call(fx_node: fx.Node) -> bool:
     if fx_node.op == "call_method":
         return fx_node.target in _PURE_METHODS
     return fx_node.op == "get_attr"
+
+
+# Calls whose result is >= 0 whatever their input (the range analysis reads the fact, not the target).
+_NONNEG_FUNCTIONS = {torch.exp, torch.abs, torch.square, operator.abs, F.relu6}
+_NONNEG_METHODS = {"exp", "abs", "square"}
+
+
+def _is_nonnegative_call(fx_node: fx.Node) -> bool:
+    if fx_node.op == "call_function":
+        return _hashable(fx_node.target) and fx_node.target in _NONNEG_FUNCTIONS
+    return fx_node.op == "call_method" and fx_node.target in _NONNEG_METHODS
 
 
 def _meta_shape(node) -> tuple | None:

@@ -345,7 +345,12 @@ def _scalar_const(e: OnnxEmitter, node: Node, suffix: str, value: float) -> gs.C
 
 def _emit_clamp(e: OnnxEmitter, node: Node, ins, outs):
     lo_t, hi_t = node.params.get("min"), node.params.get("max")
-    lo, hi = node.attrs.get("min"), node.attrs.get("max")
+    lo = lo_t.item() if lo_t is not None and lo_t.dim() == 0 else None
+    hi = hi_t.item() if hi_t is not None and hi_t.dim() == 0 else None
+    if lo is not None:
+        lo_t = None
+    if hi is not None:
+        hi_t = None
     x = ins[0]
     if lo_t is not None or hi_t is not None:
         # Per-channel bounds: Clip takes scalars only, so Max then Min with broadcast tensors.
