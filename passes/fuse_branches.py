@@ -262,6 +262,7 @@ class FuseBranchesPass(Pass):
     name = "fuse_branches"
     description = ("merge parallel, concatenated and cascaded linear branches (RepVGG, ACNet, DBB, MobileOne, "
                    "ExpandNets) into one conv, folding BatchNorm on the way")
+    options = {"allow_costlier": "also merge when the fused kernel costs more multiply-adds than the branches"}
 
     def __init__(self):
         self.branch_rules = RulePass(self.name, [fuse_parallel_branches, fuse_concatenated_branches,

@@ -43,8 +43,9 @@ class Rule:
         params = list(inspect.signature(self.fn).parameters.values())
         takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
         captures = capture_names(self.pattern)
-        named = [p.name for p in params[1:] if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
-        stray = [n for n in named if n not in captures and params[[p.name for p in params].index(n)].default is p.empty]
+        plain = [p for p in params[1:] if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        named = [p.name for p in plain]
+        stray = [p.name for p in plain if p.name not in captures and p.default is inspect.Parameter.empty]
         if not params or stray:
             what = "takes no context argument" if not params else \
                 f"parameter(s) {', '.join(map(repr, stray))} name no capture of its pattern"

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..errors import RewriteError
 from ..ir import Graph, Node, Value, fresh_name
+from ..params import pad_border
 from .fx_forms import emit_call, function_form
 from .fx_import import Attr, FxOrigin, In, _fetch_attr
 
@@ -351,6 +352,25 @@ def _emit_constant(e: FxEmitter, node: Node, inputs):
     return e.new_tensor(node, "const", node.params["value"].detach())
 
 
+def _emit_pad(e: FxEmitter, node: Node, inputs):
+    mode, fill = node.attrs["mode"], node.params.get("value")
+    flat = _torch_pad(node.attrs["padding"])
+    if fill is None or fill.dim() == 0 or mode != "constant":
+        extra = {"value": 0.0 if fill is None else fill.item()} if mode == "constant" else {}
+        return e.call(F.pad, inputs[0], flat, mode=mode, **extra)
+    try:
+        border = pad_border(node).to(node.inputs[0].dtype or torch.float32)
+    except ValueError as exc:
+        raise RewriteError(str(exc), where=f"node {node.name}") from None
+    return e.call(operator.add, e.call(F.pad, inputs[0], flat), e.new_tensor(node, "border", border))
+
+
+def _emit_slice(e: FxEmitter, node: Node, inputs):
+    a = node.attrs
+    index = (slice(None),) * a["dim"] + (slice(a["start"], a["end"], a["step"]),)
+    return e.call(operator.getitem, inputs[0], index)
+
+
 def _emit_dropout(e: FxEmitter, node: Node, inputs):
     if node.attrs.get("training"):
         return e.call(F.dropout, inputs[0], node.attrs["p"], True)
@@ -376,6 +396,8 @@ _EMITTERS: dict[str, Callable] = {
     "flatten": lambda e, n, i: e.call(torch.flatten, i[0], n.attrs["start_dim"], n.attrs["end_dim"]),
     "reshape": lambda e, n, i: e.call(torch.reshape, i[0], tuple(n.attrs["shape"])),
     "constant": _emit_constant,
+    "pad": _emit_pad,
+    "slice": _emit_slice,
 }
 
 

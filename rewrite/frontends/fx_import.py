@@ -148,6 +148,20 @@ def recognize_module(m: nn.Module, nargs: int):
     return None
 
 
+_PAD_MODULES = {nn.ZeroPad1d: "constant", nn.ZeroPad2d: "constant", nn.ZeroPad3d: "constant",
+                nn.ConstantPad1d: "constant", nn.ConstantPad2d: "constant", nn.ConstantPad3d: "constant",
+                nn.ReflectionPad1d: "reflect", nn.ReflectionPad2d: "reflect", nn.ReflectionPad3d: "reflect",
+                nn.ReplicationPad1d: "replicate", nn.ReplicationPad2d: "replicate", nn.ReplicationPad3d: "replicate"}
+
+
+def pad_module_args(m: nn.Module):
+    """(pad list, mode, value) of a stock padding module, as F.pad takes them; None for anything else."""
+    for cls, mode in _PAD_MODULES.items():
+        if _plain(m, cls):
+            return list(m.padding), mode, getattr(m, "value", 0.0)
+    return None
+
+
 # -- function recognizers: signature stand-ins bind args the way torch does ----------------------
 def _sig_conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1): ...
 def _sig_conv_t(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1): ...
@@ -161,6 +175,7 @@ def _sig_cat(tensors, dim=0): ...
 def _sig_flatten(input, start_dim=0, end_dim=-1): ...
 def _sig_dropout(input, p=0.5, training=True, inplace=False): ...
 def _sig_adaptive(input, output_size): ...
+def _sig_pad(input, pad, mode="constant", value=None): ...
 
 
 _FUNCTIONS: dict[Any, tuple[str, Callable]] = {
@@ -277,6 +292,9 @@ class FxImporter:
         if fx_node.op == "call_module":
             module = self.root.get_submodule(fx_node.target)
             nargs = len(fx_node.args) + len(fx_node.kwargs)
+            padding = pad_module_args(module) if nargs == 1 else None
+            if padding is not None:
+                return self._pad_node(fx_node, fx_node.args[0], *padding)
             found = recognize_module(module, nargs) or self._module_form(module, nargs)
             if found is None or not isinstance(fx_node.args[0], fx.Node):
                 return None
@@ -384,7 +402,54 @@ class FxImporter:
             return self._recognize_split(fx_node)
         if (op == "call_method" and target in ("view", "reshape")) or (op == "call_function" and target is torch.reshape):
             return self._recognize_flattening_view(fx_node)
+        if op == "call_function" and target is operator.getitem:
+            return self._recognize_slice(fx_node)
+        if op == "call_function" and target is F.pad:
+            return self._recognize_pad(fx_node)
         return None
+
+    def _recognize_slice(self, fx_node: fx.Node) -> Value | None:
+        """x[..., a:b:s, ...] with one sliced axis (constant bounds) on a tensor of known shape: a `slice`."""
+        x, index = fx_node.args
+        shape = _meta_shape(x)
+        if shape is None or _meta_shape(fx_node) is None:
+            return None
+        index = index if isinstance(index, tuple) else (index,)
+        if len(index) > len(shape) or not all(isinstance(i, slice) for i in index):
+            return None
+        cut = [(d, i) for d, i in enumerate(index) if i != slice(None)]
+        if len(cut) != 1 or any(isinstance(v, fx.Node) for v in (cut[0][1].start, cut[0][1].stop, cut[0][1].step)):
+            return None
+        dim, s = cut[0]
+        start, end, step = s.indices(shape[dim])
+        if step <= 0:
+            return None
+        end = max(end, start)
+        return self._make("slice", fx_node, [x], {"dim": dim, "start": start, "end": end, "step": step}, {})
+
+    def _recognize_pad(self, fx_node: fx.Node) -> Value | None:
+        try:
+            bound = inspect.signature(_sig_pad).bind(*fx_node.args, **fx_node.kwargs)
+        except TypeError:
+            return None
+        bound.apply_defaults()
+        a = bound.arguments
+        return self._pad_node(fx_node, a["input"], a["pad"], a["mode"], a["value"])
+
+    def _pad_node(self, fx_node: fx.Node, x, pad, mode, value) -> Value | None:
+        """F.pad's last-axis-first list on a tensor of known rank, padding only spatial axes: a `pad`."""
+        shape = _meta_shape(x)
+        if shape is None or not isinstance(x, fx.Node) or not isinstance(pad, (list, tuple)) or len(pad) % 2 \
+                or any(isinstance(p, fx.Node) or not isinstance(p, int) for p in pad) or isinstance(value, fx.Node):
+            return None
+        spatial = len(shape) - 2
+        if len(pad) // 2 > spatial or mode not in ("constant", "reflect", "replicate") or any(p < 0 for p in pad):
+            return None  # pads on the channel or batch axis, cropping, or circular: kept as a call
+        pairs = [(0, 0)] * spatial
+        for i in range(len(pad) // 2):
+            pairs[spatial - 1 - i] = (pad[2 * i], pad[2 * i + 1])
+        fill = None if mode != "constant" or not value else torch.tensor(float(value), dtype=torch.float64)
+        return self._make("pad", fx_node, [x], {"padding": tuple(pairs), "mode": mode}, {"value": fill})
 
     def _recognize_split(self, fx_node: fx.Node) -> Value | None:
         """torch.split / chunk whose pieces are only taken by constant getitems: one `split` node."""
