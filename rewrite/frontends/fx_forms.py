@@ -72,7 +72,7 @@ def bind_call(op: OpDef, fn: Callable | None, args: tuple, kwargs: dict, fetch_t
     """(data operands, attrs, params) of a call of `op`, or None when the call is not a plain form of it.
 
     A call binds by `fn`'s signature when Python has one, else as (inputs..., attributes in declared
-    order..., params...). Every argument must be an input, an attribute, a parameter (a module's
+    order..., params...) with any of them also accepted by keyword. Every argument must be an input, an attribute, a parameter (a module's
     tensor, fetched by `fetch_tensor`), an argument the op ignores, or left at its default: anything
     else might change the result, so the call stays opaque.
     """
@@ -140,4 +140,4 @@ def emit_call(emitter, node, inputs: list) -> fx.Node:
             raise RewriteError(f"the fx form {getattr(fn, '__name__', fn)} of '{op.kind}' takes no argument "
                                f"{', '.join(missing)}", where=f"node {node.name}")
         return emitter.call(fn, *inputs, **named)
-    return emitter.call(fn, *inputs, *node.attrs.values(), *tensors.values())
+    return emitter.call(fn, *inputs, *tensors.values(), **node.attrs)  # builtins take attributes by keyword

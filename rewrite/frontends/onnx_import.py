@@ -22,6 +22,7 @@ import torch
 
 from ..errors import ModelLoadError
 from ..ir import Graph, Node, Value, clamp_bound
+from . import onnx_forms
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,7 @@ class OnnxImporter:
         # gs imports nodes in file order, so node i is the original model's node i.
         self.protos = list(model.graph.node)
         self._initializers: dict | None = None
+        self.forms = onnx_forms.onnx_index()  # op types of the ops defined with one (user ops included)
 
     def run(self) -> Graph:
         if len(self.gs_graph.nodes) != len(self.protos):
@@ -199,7 +201,11 @@ class OnnxImporter:
             if tensor.name and not isinstance(tensor, gs.Constant) and tensor.name not in self.env:
                 raise ModelLoadError(f"input {tensor.name!r} is neither a graph input, an initializer nor the "
                                      "output of an earlier node", where=f"{self.source}, {where}")
-        handler = HANDLERS.get(gs_node.op) if (proto.domain or "") in ("", "ai.onnx") else None
+        handler = None
+        if (proto.domain or "") in ("", "ai.onnx"):
+            handler = HANDLERS.get(gs_node.op) or onnx_forms.HANDLERS.get(gs_node.op)
+            if handler is None and gs_node.op in self.forms:
+                handler = onnx_forms.generic_handler(self.forms[gs_node.op])
         node = handler(self, gs_node, proto) if handler is not None else None
         if node is None:
             node = self._opaque(gs_node, proto)
