@@ -26,7 +26,7 @@ from rewrite.rule import rule
 from .branch_forms import KernelForm, branch_form, compose_forms, node_form, stack_forms, sum_forms
 from .branch_terms import (WEIGHTED, Branch, Layout, Term, classify, expand, find_layout, layout_of, obstacle,
                            unaliased)
-from .fold_bn import fold_bn_into_conv, fold_bn_into_linear
+from ..fold_bn import fold_bn_into_conv, fold_bn_into_linear
 
 
 def _rank(value: Value) -> int | None:
