@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from rewrite.ir import Value
-from rewrite.params import (bias_f64, bn_affine, bn_refusal, f64, has_padding, in_channels, input_shift_to_bias,
+from rewrite.params import (bias_f64, bn_affine, bn_refusal, channel_values, f64, in_channels, input_shift_to_bias,
+                            zero_padded,
                             out_channels, scale_input_channels, scaled_weight, weight_bias)
 from rewrite.pass_manager import RulePass, register_pass
 from rewrite.rule import rule
@@ -87,7 +88,7 @@ def fold_bn_before_conv(ctx, x, bn, conv):
     scale, shift = bn_affine(bn)
     if scale.numel() != in_channels(conv):
         return ctx.fail(f"{bn.label} has {scale.numel()} channels, {conv.label} reads {in_channels(conv)}")
-    if conv.kind == "conv" and conv.attrs.get("padding_mode", "zeros") == "zeros" and has_padding(conv) \
+    if conv.kind == "conv" and zero_padded(conv) \
             and bool(shift.abs().max() > 0):
         return ctx.fail(f"{conv.label} zero-pads its input, so the border would see {bn.label}'s shift; "
                         "folding is exact only without padding or with a zero shift")
@@ -105,17 +106,13 @@ def _channel_vector(conv, out: Value, const: torch.Tensor) -> torch.Tensor | Non
     rank = _rank(out)
     from_right = 1 if conv.kind == "linear" else conv.params["weight"].dim() - 1  # channel axis, counted from the end
     max_dims = rank if rank is not None else from_right  # unknown rank: only what fits every layout
-    if const.dim() > max_dims:
+    found = channel_values(const, from_right, max_dims, conv.params["weight"].dtype)
+    if found is None:
         return None
-    if const.dim() > 0 and const.dtype != conv.params["weight"].dtype:
-        return None  # a non-scalar tensor of another dtype would change the result's dtype
-    channel_pos = const.dim() - from_right
-    if any(size != 1 for i, size in enumerate(const.shape) if i != channel_pos):
-        return None
-    values = f64(const).reshape(-1)
-    if values.numel() == 1:
+    values, axis = found
+    if axis is None:
         return values.expand(out_channels(conv)).clone()
-    return values if values.numel() == out_channels(conv) and channel_pos >= 0 else None
+    return values if values.numel() == out_channels(conv) else None
 
 
 @rule(conv_scale)

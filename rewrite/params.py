@@ -119,6 +119,31 @@ def has_padding(node: Node) -> bool:
     return any(a or b for a, b in node.attrs.get("padding", ()))
 
 
+def zero_padded(node: Node) -> bool:
+    """Does this conv / pool read zeros beyond the border (where a per-channel shift is not seen)?"""
+    return has_padding(node) and node.attrs.get("padding_mode", "zeros") == "zeros"
+
+
+def channel_values(tensor: torch.Tensor, channel_from_end: int, max_dims: int,
+                   dtype: torch.dtype | None = None) -> tuple[torch.Tensor, int | None] | None:
+    """A constant operand as float64 values per channel: (0-d value, None) for a scalar, (1-D values,
+    channel axis of `tensor`) for a per-channel tensor, or None when it broadcasts any other way.
+
+    Broadcasting aligns from the right: the channel axis is `channel_from_end` axes from the end
+    (spatial axes + 1 for a conv's activation, 1 for a linear's). A tensor with more than `max_dims`
+    axes would widen the result; a non-scalar of another `dtype` would change the result's dtype.
+    """
+    if tensor.dim() > max_dims or (tensor.dim() > 0 and dtype is not None and tensor.dtype != dtype):
+        return None
+    values = f64(tensor)
+    if values.numel() == 1:
+        return values.reshape(()), None
+    axis = tensor.dim() - channel_from_end
+    if axis < 0 or any(size != 1 for i, size in enumerate(tensor.shape) if i != axis):
+        return None
+    return values.reshape(-1), axis
+
+
 def pad_border(node: Node) -> torch.Tensor:
     """For a `pad` with per-channel fill values: a (1, C, *out_spatial) tensor holding each channel's
     value on the padded border and 0 inside, so zero padding plus this tensor is the pad, exactly

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rewrite.ir import Graph, Node, Value
-from rewrite.params import bn_affine, bn_refusal, f64
+from rewrite.params import bn_affine, bn_refusal, channel_values, f64
 
 WEIGHTED = ("conv", "linear")
 BRANCH_KINDS = WEIGHTED + ("avg_pool",)
@@ -69,18 +69,9 @@ def is_constant(value: Value) -> bool:
 
 def channel_vector(tensor: torch.Tensor, layout: Layout, dtype: torch.dtype | None) -> torch.Tensor | None:
     """`tensor` as a float64 scalar or per-channel vector, or None when it broadcasts any other way."""
-    if tensor.dim() > 0 and dtype is not None and tensor.dtype != dtype:
-        return None  # a non-scalar tensor of another dtype would change the result's dtype
     max_dims = layout.rank if layout.rank is not None else layout.spatial + 1
-    if tensor.dim() > max_dims:
-        return None  # it would add dimensions to the result
-    values = f64(tensor)
-    if values.numel() == 1:
-        return values.reshape(())
-    axis = tensor.dim() - (layout.spatial + 1)
-    if axis < 0 or any(size != 1 for i, size in enumerate(tensor.shape) if i != axis):
-        return None
-    return values.reshape(-1)
+    found = channel_values(tensor, layout.spatial + 1, max_dims, dtype)
+    return None if found is None else found[0]
 
 
 def times(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:

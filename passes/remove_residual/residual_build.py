@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rewrite.analysis.cost import conv_flops
 from rewrite.ir import Node, Value
 from rewrite.rule import RewriteContext
 
@@ -136,12 +137,7 @@ def _shape_with_channels(value: Value, channels: int, spatial_dims: int) -> tupl
 
 
 def _conv_flops(out: Value, weight_shape, spatial_dims: int) -> int | None:
-    """2 x MACs, as torch's FLOP counter counts a conv (bias not counted)."""
-    if out.shape is None:
-        return None
-    axis = _channel_axis(out, spatial_dims)
-    positions = math.prod(s for i, s in enumerate(out.shape) if i != axis)
-    return 2 * positions * weight_shape[0] * math.prod(weight_shape[1:])
+    return conv_flops(out.shape, weight_shape, _channel_axis(out, spatial_dims) if out.shape else 0)
 
 
 def _numel(*tensors) -> int:

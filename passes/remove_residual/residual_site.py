@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rewrite.ir import Graph, Node, Value
+from rewrite.numerics.kernels import regroup
 from rewrite.params import bn_affine, bn_refusal, has_padding, weight_bias
 
 SKIPPED = ("identity", "dropout")  # the identity in inference mode
@@ -186,14 +187,7 @@ def collapse_shortcut(nodes: list[Node], channels: int, spatial_dims: int) -> Sh
 
 def _dense_1x1(weight: torch.Tensor, groups: int) -> torch.Tensor:
     """A grouped 1x1 conv weight as one block-diagonal (out, in) matrix."""
-    out_channels, in_per_group = weight.shape[0], weight.shape[1]
-    out_per_group = out_channels // groups
-    dense = torch.zeros(out_channels, in_per_group * groups, dtype=torch.float64)
-    w = weight.reshape(out_channels, in_per_group)
-    for g in range(groups):
-        rows = slice(g * out_per_group, (g + 1) * out_per_group)
-        dense[rows, g * in_per_group:(g + 1) * in_per_group] = w[rows]
-    return dense
+    return regroup(weight, groups, 1).reshape(weight.shape[0], -1)
 
 
 # -- the main path ----------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import networkx as nx
 import torch
 
 from ..ir import Graph, Node, Value
-from ..params import bn_affine, bn_refusal, f64, out_channels
+from ..params import bias_f64, bn_affine, bn_refusal, channel_values, f64, out_channels, zero_padded
 
 _ELEMENTWISE = ("relu", "clamp", "identity", "dropout", "max_pool", "avg_pool", "adaptive_avg_pool")
 
@@ -105,12 +105,6 @@ def _varying(n: int) -> torch.Tensor:
 
 def _all(n: int) -> torch.Tensor:
     return torch.ones(n, dtype=torch.bool)
-
-
-def zero_padded(node: Node) -> bool:
-    """Does this conv / pool read zeros beyond the border?"""
-    pads = node.attrs.get("padding", ())
-    return any(a or b for a, b in pads) and node.attrs.get("padding_mode", "zeros") == "zeros"
 
 
 def _rank(value: Value) -> int | None:
@@ -212,7 +206,7 @@ class _Builder:
         c = self.g.constants(sx).reshape(groups, -1)  # (g, in per group)
         nz = w.detach().reshape(groups, c.shape[1], -1, *w.shape[2:]).flatten(3).ne(0).any(-1)  # (g, ipg, opg)
         bad = (nz & ~(c == 0).unsqueeze(-1)).any(1).reshape(-1)  # NaN compares unequal to 0
-        bias = _bias64(node, so.channels)
+        bias = bias_f64(node)
         self.g.const[id(so)] = torch.where(bad, torch.full_like(bias, math.nan), bias)
 
     def _visit_linear(self, node: Node) -> None:
@@ -268,7 +262,7 @@ class _Builder:
         groups = node.attrs.get("groups", 1)
         out = w.shape[0]
         flat = w.reshape(out, -1, mult) if node.kind == "linear" else w.reshape(out, w.shape[1], -1)
-        total = _bias64(node, out)
+        total = bias_f64(node)
         if groups == 1:
             # Fast path (most layers): one count_nonzero over the columns that vary, float64 only where constant.
             known_in = ~torch.isnan(c)
@@ -491,22 +485,13 @@ def _describe(node: Node) -> str:
     return node.describe()
 
 
-def _bias64(node: Node, channels: int) -> torch.Tensor:
-    bias = f64(node.params.get("bias"))
-    return torch.zeros(channels, dtype=torch.float64) if bias is None else bias
-
-
 def _per_channel(t: torch.Tensor, rank: int, channels: int) -> tuple[torch.Tensor | None, int | None]:
     """A constant operand as one value per channel, and its channel axis when it must be sliced."""
-    values = f64(t)
-    if values.numel() == 1:
-        return values.reshape(1).expand(channels).clone(), None
-    axis = t.dim() - (rank - 1)  # right-aligned broadcasting puts the channel axis here
-    if t.dim() > rank or axis < 0 or t.shape[axis] != channels:
+    found = channel_values(t, rank - 1, rank)
+    if found is None or (found[1] is not None and t.shape[found[1]] != channels):
         return None, None
-    if any(s != 1 for i, s in enumerate(t.shape) if i != axis):
-        return None, None
-    return values.reshape(-1), axis
+    values, axis = found
+    return (values.reshape(1).expand(channels).clone(), None) if axis is None else (values, axis)
 
 
 def channel_graph(graph: Graph) -> ChannelGraph:

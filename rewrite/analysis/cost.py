@@ -1,6 +1,7 @@
 """Model cost: parameter count and FLOPs, measured by torch's own FLOP counter on example inputs."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,15 @@ class Cost:
 
     def __str__(self) -> str:
         return f"{self.params / 1e6:.3f} M params, {self.flops / 1e9:.3f} GFLOPs"
+
+
+def conv_flops(out_shape: tuple | None, weight_shape: tuple, channel_axis: int) -> int | None:
+    """FLOPs of a conv from its output shape and weight shape, counted as torch's counter does
+    (2 x MACs, bias not counted); None when the output shape is unknown."""
+    if out_shape is None:
+        return None
+    positions = math.prod(s for i, s in enumerate(out_shape) if i != channel_axis)
+    return 2 * positions * weight_shape[0] * math.prod(weight_shape[1:])
 
 
 def count_params(model: torch.nn.Module) -> int:

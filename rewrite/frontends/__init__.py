@@ -10,6 +10,15 @@ from ..errors import RewriteError
 from ..ir import Graph
 
 
+def chain(operands: list, step):
+    """An n-ary add / mul as a chain of binary steps: step(acc, operand, last) for each operand after
+    the first (`last` tells the final step, which backends write to the node's own output)."""
+    acc = operands[0]
+    for i, operand in enumerate(operands[1:]):
+        acc = step(acc, operand, i == len(operands) - 2)
+    return acc
+
+
 class Frontend:
     """How one kind of model is loaded into the IR, written back, and checked numerically."""
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from ..errors import RewriteError
 from ..ir import Graph, Node, Value, fresh_name
 from ..params import pad_border
+from . import chain
 from .fx_forms import emit_call, function_form
 from .fx_import import Attr, FxOrigin, In, _fetch_attr
 
@@ -319,10 +320,7 @@ def _emit_batch_norm(e: FxEmitter, node: Node, inputs):
 
 def _emit_chain(fn):
     def emit(e: FxEmitter, node: Node, inputs):
-        out = inputs[0]
-        for other in inputs[1:]:
-            out = e.call(fn, out, other)
-        return out
+        return chain(inputs, lambda acc, other, last: e.call(fn, acc, other))
     return emit
 
 

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import RewriteError
 from ..ir import Graph, Node, Value, fresh_name
-from . import onnx_forms
+from . import chain, onnx_forms
 from .onnx_import import EMPTY, In, OnnxOrigin, Orig, untouched
 
 
@@ -332,10 +332,7 @@ def _emit_batch_norm(e: OnnxEmitter, node: Node, ins, outs):
 
 def _emit_chain(op_type: str):
     def emit(e: OnnxEmitter, node: Node, ins, outs):
-        acc = ins[0]
-        for i, other in enumerate(ins[1:]):
-            last = i == len(ins) - 2
-            (acc,) = e.op(node, op_type, [acc, other], outs if last else None)
+        acc = chain(ins, lambda acc, other, last: e.op(node, op_type, [acc, other], outs if last else None)[0])
         if len(ins) == 1:
             e.op(node, "Identity", [acc], outs)
     return emit
