@@ -403,3 +403,42 @@ def test_op_definitions_normalize_attribute_values():
         op_def("conv").convert("groups", 1.5, "test")
     spec = attr(float, 0.01)
     assert spec.convert(1) == 1.0 and spec.default == 0.01
+
+
+class NotQuiteSiLU(nn.SiLU):
+    def forward(self, x):  # a subclass with its own forward is not the stock op
+        return x * torch.sigmoid(2 * x)
+
+
+def test_near_misses_of_the_new_forms_stay_opaque_and_exact():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.act = NotQuiteSiLU()
+
+        def forward(self, x):
+            return (F.softmax(x, dim=1, dtype=torch.float64), x[:, :, 1:, ::2], self.act(x),
+                    F.pad(x, (1, 1, 1, 1, 1, 0)), torch.mean(x), F.pad(x, (-1, 0)))
+
+    x = torch.randn(2, 3, 5, 6)
+    m = M()
+    out, report = rewrite.apply(m, [RenameAll(EXPECTED_KINDS)], example_inputs=x, return_report=True)
+    kinds = report.nodes_before
+    assert not set(kinds) & {"softmax", "slice", "silu", "pad", "mean"}, kinds
+    for a, b in zip(m(x), out(x)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@settings(max_examples=20)
+@given(kind=st.sampled_from(["leaky_relu", "gelu", "hardswish", "silu", "sigmoid", "hardsigmoid"]),
+       slope=st.floats(0.0, 0.5), approximate=st.sampled_from(["none", "tanh"]), channels=st.integers(1, 5),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_fold_bn_sees_conv_bn_pairs_around_every_activation(kind, slope, approximate, channels, dtype):
+    act = {"leaky_relu": nn.LeakyReLU(slope), "gelu": nn.GELU(approximate=approximate), "hardswish": nn.Hardswish(),
+           "silu": nn.SiLU(), "sigmoid": nn.Sigmoid(), "hardsigmoid": nn.Hardsigmoid()}[kind]
+    m = randomize_bn(nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.BatchNorm2d(channels), act,
+                                   nn.Conv2d(channels, 2, 1), nn.BatchNorm2d(2))).eval()
+    x = torch.randn(2, 3, 6, 6)
+    checked = check_pass("fold_bn", m, x, dtype=dtype if dtype == torch.float64 else None)
+    assert checked.report["fold_bn"].result.counts["fold_bn_into_conv"] == 2
+    assert checked.report.nodes_after.get(kind) == 1
