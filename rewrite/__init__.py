@@ -6,6 +6,8 @@
 The public names are imported on first use, so `import rewrite.cli` (and `rewrite --help`) does
 not import torch.
 """
+import sys
+import types
 from importlib import import_module
 
 from .errors import EquivalenceError, ModelLoadError, NotVerifiableError, PassError, RewriteError, TraceError
@@ -28,6 +30,25 @@ __all__ = [
     "Graph", "Node", "Value", "P", "rule", "Rule", "RewriteContext",
     "Pass", "PassResult", "RulePass", "register_pass", "get_pass", "available_passes",
 ]
+
+
+_SAME_AS_SUBMODULE = {"rule", "verify"}  # functions named like the submodule that defines them
+
+
+class _Package(types.ModuleType):
+    """Keeps `rewrite.rule` and `rewrite.verify` the functions once their submodules are imported.
+
+    The import system binds a submodule as an attribute of its package after running it; an eager
+    `from .rule import rule` used to overwrite that binding, and this does the same lazily.
+    """
+
+    def __setattr__(self, name, value):
+        if name in _SAME_AS_SUBMODULE and isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}":
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):

@@ -66,7 +66,6 @@ def _apply(model, passes, example_inputs, verify, return_report, inplace, option
         passes = [passes]
     pass_objects = [get_pass(p) for p in passes]
     graph = frontend.load(model, example_inputs, **frontend_options)
-    graph.meta["frontend"] = frontend.name  # refusal wording fits the kind of model (rewrite.wording)
     report = Report(frontend.name, nodes_before=op_counts(graph))
     options = options or {}
     if verify and example_inputs is None and frontend.name == "torch":

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import torch
 
+from .errors import NonFiniteError
 from .ir import Node
+from .wording import batch_statistics_fix
 
 
 def f64(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -16,8 +18,21 @@ def f64(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def cast_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A fresh tensor with `like`'s dtype and device (never a view of a shared tensor)."""
-    return t.detach().to(device=like.device, dtype=like.dtype, copy=True)
+    """A fresh tensor with `like`'s dtype and device (never a view of a shared tensor).
+
+    Every rule's float64 result comes back through here, so this is where a fold that overflowed
+    (finite in float64, inf in float32, say) or produced NaN is refused: NonFiniteError, which
+    the pass driver turns into a refusal of the site.
+    """
+    out = t.detach().to(device=like.device, dtype=like.dtype, copy=True)
+    if out.is_floating_point() or out.is_complex():
+        bad = torch.isnan(out) | (torch.isinf(out) & torch.isfinite(t.detach().to(out.device)))
+        if bool(bad.any()):
+            raise NonFiniteError(f"the rewritten parameter would not be finite: {int(bad.sum())} of {out.numel()} "
+                                 f"values are NaN or overflow {str(out.dtype).replace('torch.', '')} (largest "
+                                 f"magnitude {float(t.detach().abs().nan_to_num(nan=0.0).max()):.3g}); "
+                                 "the site was left as it was")
+    return out
 
 
 def scaled_weight(node: Node, scale: torch.Tensor) -> torch.Tensor:
@@ -30,7 +45,10 @@ def scaled_weight(node: Node, scale: torch.Tensor) -> torch.Tensor:
     weight = node.params["weight"].detach()
     if weight.dtype in (torch.float32, torch.float64):
         work = weight.cpu()
-        return scale_output_channels(node, work, scale.to(work.dtype)).to(weight.device)
+        out = scale_output_channels(node, work, scale.to(work.dtype))
+        if bool(torch.isfinite(out).all()):
+            return out.to(weight.device)
+        # an overflow (or a non-finite input): redo it in float64 so that cast_like says which
     return cast_like(scale_output_channels(node, f64(weight), scale), weight)
 
 
@@ -49,7 +67,7 @@ def bn_affine(bn: Node) -> tuple[torch.Tensor, torch.Tensor]:
 def bn_refusal(bn: Node) -> str | None:
     """Why a batch_norm has no fixed affine, or None when it does."""
     if bn.attrs.get("training"):
-        return f"{bn.label} uses batch statistics (training mode or track_running_stats=False); call model.eval() first"
+        return f"{bn.label} uses batch statistics {batch_statistics_fix(bn)}"
     if bn.params.get("running_mean") is None or bn.params.get("running_var") is None:
         return f"{bn.label} has no running statistics"
     return None

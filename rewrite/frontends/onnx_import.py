@@ -22,6 +22,7 @@ import torch
 
 from ..errors import ModelLoadError
 from ..ir import Graph, Node, Value
+from .onnx_checks import check_conv_channels
 
 
 @dataclass(frozen=True)
@@ -336,6 +337,9 @@ def _conv(imp: OnnxImporter, gs_node, proto) -> Node | None:
     stride = tuple(a.get("strides", [1] * dims))
     dilation = tuple(a.get("dilations", [1] * dims))
     groups = int(a.get("group", 1))
+    in_shape = _shape(gs_node.inputs[0])
+    check_conv_channels(tuple(weight.shape), groups, transpose, in_shape[1] if in_shape and len(in_shape) > 1 else None,
+                        None if bias is None else bias.numel(), f"{imp.source}, node {proto.name or proto.op_type}")
     if transpose:
         if "output_shape" in a or a.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
             return None  # output_shape / auto_pad derive the pads from sizes; keep the node as it is
