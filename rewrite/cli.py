@@ -28,6 +28,7 @@ EXIT_NOT_EQUIVALENT = 3
 EXIT_NOT_VERIFIABLE = 4
 
 OUTPUT_SUFFIXES = {"torch": TORCH_SUFFIXES, "onnx": ONNX_SUFFIXES}
+KIND_NAMES = {"torch": "a torch", "onnx": "an ONNX"}
 
 TRAIN_VERIFY_REASON = ("--train with --verify: a model in training mode is random (dropout draws new masks) and "
                        "BatchNorm uses batch statistics, so its outputs cannot be compared; verify in eval mode "
@@ -49,7 +50,7 @@ def check_output_suffix(path: str, kind: str) -> None:
     """The output format follows the input: a torch model is written as .pt/.pth, an ONNX model as .onnx."""
     suffixes = OUTPUT_SUFFIXES[kind]
     if not has_suffix(path, suffixes):
-        raise RewriteError(f"a {kind} model is written as {' or '.join(suffixes)}; the output name says otherwise "
+        raise RewriteError(f"{KIND_NAMES[kind]} model is written as {' or '.join(suffixes)}; the output name says otherwise "
                            "(converting between formats is not what this command does)", where=f"file {path}")
 
 
