@@ -17,16 +17,19 @@ def f64(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach().to(device="cpu", dtype=torch.float64, copy=True)
 
 
-def cast_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def cast_like(t: torch.Tensor, like: torch.Tensor, allow_infinite: bool = False) -> torch.Tensor:
     """A fresh tensor with `like`'s dtype and device (never a view of a shared tensor).
 
-    Every rule's float64 result comes back through here, so this is where a fold that overflowed
-    (finite in float64, inf in float32, say) or produced NaN is refused: NonFiniteError, which
-    the pass driver turns into a refusal of the site.
+    Every rule's float64 result comes back through here, so this is where a fold whose result is
+    not finite (a float32 overflow, a BN with zero variance and eps, NaN) is refused: NonFiniteError,
+    which the pass driver turns into a refusal of the site. `allow_infinite` is for values that are
+    meant to be +-inf (open clamp bounds); an overflow to inf or a NaN is refused even then.
     """
     out = t.detach().to(device=like.device, dtype=like.dtype, copy=True)
     if out.is_floating_point() or out.is_complex():
-        bad = torch.isnan(out) | (torch.isinf(out) & torch.isfinite(t.detach().to(out.device)))
+        bad = torch.isnan(out) | torch.isinf(out)
+        if allow_infinite:
+            bad &= ~torch.isinf(t.detach().to(out.device))
         if bool(bad.any()):
             raise NonFiniteError(f"the rewritten parameter would not be finite: {int(bad.sum())} of {out.numel()} "
                                  f"values are NaN or overflow {str(out.dtype).replace('torch.', '')} (largest "

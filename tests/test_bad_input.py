@@ -183,8 +183,12 @@ def test_cast_like_refuses_overflow_but_keeps_infinite_bounds():
         cast_like(torch.tensor([1e39, 1.0], dtype=torch.float64), like)
     with pytest.raises(NonFiniteError):
         cast_like(torch.tensor([math.nan, 1.0], dtype=torch.float64), like)
-    bounds = cast_like(torch.tensor([-math.inf, math.inf], dtype=torch.float64), like)  # clamp bounds stay open
-    assert bounds.tolist() == [-math.inf, math.inf]
+    with pytest.raises(NonFiniteError):  # an infinite fold result (BN with zero variance and eps)
+        cast_like(torch.tensor([math.inf, 1.0], dtype=torch.float64), like)
+    bounds = cast_like(torch.tensor([-math.inf, math.inf], dtype=torch.float64), like, allow_infinite=True)
+    assert bounds.tolist() == [-math.inf, math.inf]  # open clamp bounds are meant to be infinite
+    with pytest.raises(NonFiniteError):  # but not an overflow, even then
+        cast_like(torch.tensor([1e39], dtype=torch.float64), like, allow_infinite=True)
 
 
 # -- refusal wording --------------------------------------------------------------------------

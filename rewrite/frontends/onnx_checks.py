@@ -62,3 +62,15 @@ def check_conv_channels(weight_shape, groups: int, transpose: bool, in_channels,
     out_channels = weight_shape[1] * groups if transpose else weight_shape[0]
     if bias_len is not None and bias_len != out_channels:
         raise ModelLoadError(f"{op} bias has {bias_len} values for {out_channels} output channels", where=where)
+
+
+def check_batch_norm_params(params: dict, in_channels, where: str) -> None:
+    """BatchNormalization's scale, B, mean and var: 1-D, one value per channel of its input."""
+    lengths = {name: tuple(t.shape) for name, t in params.items()}
+    sizes = {shape[0] if len(shape) == 1 else None for shape in lengths.values()}
+    expected = in_channels if isinstance(in_channels, int) else next(iter(sizes))
+    if None in sizes or len(sizes) != 1 or expected not in sizes:
+        described = ", ".join(f"{name} {list(shape)}" for name, shape in lengths.items())
+        channels = f" for {in_channels} channels" if isinstance(in_channels, int) else ""
+        raise ModelLoadError(f"BatchNormalization parameters must be 1-D, one value per channel{channels}: "
+                             f"{described}", where=where)
