@@ -43,7 +43,8 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def model_kind(model: Any) -> str:
-    return "onnx" if isinstance(model, (str, os.PathLike)) else "torch"
+    """'onnx' for what load_model returns for ONNX (its path) and for a ModelProto result, else 'torch'."""
+    return "onnx" if isinstance(model, (str, os.PathLike)) or type(model).__name__ == "ModelProto" else "torch"
 
 
 def check_output_suffix(path: str, kind: str) -> None:
@@ -55,7 +56,7 @@ def check_output_suffix(path: str, kind: str) -> None:
 
 
 def save_model(model: Any, path: str) -> None:
-    if model_kind_of_result(model) == "torch":
+    if model_kind(model) == "torch":
         import torch
 
         atomic_write(path, lambda tmp: torch.save(model, tmp))
@@ -63,10 +64,6 @@ def save_model(model: Any, path: str) -> None:
     from .frontends.onnx import save_onnx  # ONNX models are saved with their external data, atomically
 
     save_onnx(model, path)
-
-
-def model_kind_of_result(model: Any) -> str:
-    return "onnx" if type(model).__name__ == "ModelProto" else "torch"
 
 
 def _check_arguments(args) -> None:
