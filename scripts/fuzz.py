@@ -10,6 +10,7 @@ Exit status 1 if any target failed. The README quotes the result of the last lon
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import torch
@@ -26,21 +27,41 @@ TARGETS = {
 }
 
 
-def run_target(name: str, examples: int, strategy, check, seed: int) -> tuple[int, str | None]:
+def run_target(name: str, examples: int, strategy, check, seed: int, save_dir: str | None) -> tuple[int, str | None]:
     before = sum(fuzz.OUTCOMES.values())
 
+    last_failing = []
+
     @settings(max_examples=examples, deadline=None, database=None, derandomize=False,
-              suppress_health_check=list(HealthCheck), print_blob=True)
+              suppress_health_check=list(HealthCheck))
     @given(strategy)
     def target(example):
-        check(example)
+        try:
+            check(example)
+        except Exception:
+            last_failing[:] = [example]  # hypothesis replays the minimal example last
+            raise
 
     target._hypothesis_internal_use_seed = seed  # reproducible runs: same seed, same examples
     try:
         target()
-    except Exception as exc:  # hypothesis has shrunk it and printed the falsifying example
+    except Exception as exc:
+        if save_dir and last_failing:
+            _save(save_dir, name, last_failing[0])
         return sum(fuzz.OUTCOMES.values()) - before, f"{type(exc).__name__}: {str(exc)[:2000]}"
     return sum(fuzz.OUTCOMES.values()) - before, None
+
+
+def _save(folder: str, name: str, example) -> None:
+    """The minimal failing example: the ONNX bytes, or the torch (model, input, mutation) case."""
+    os.makedirs(folder, exist_ok=True)
+    stem = os.path.join(folder, name.replace(" ", "_"))
+    if isinstance(example, bytes):
+        with open(stem + ".onnx", "wb") as f:
+            f.write(example)
+    else:
+        torch.save(example, stem + ".pt")
+    print(f"  minimal failing example saved in {stem}.*", flush=True)
 
 
 def main() -> int:
@@ -48,6 +69,7 @@ def main() -> int:
     parser.add_argument("--examples", type=int, default=10000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", choices=sorted(TARGETS), action="append")
+    parser.add_argument("--save-failures", metavar="DIR", help="write each target's minimal failing example here")
     args = parser.parse_args()
     torch.set_num_threads(1)
     failures = 0
@@ -57,7 +79,7 @@ def main() -> int:
             continue
         examples = max(1, round(args.examples * share))
         start = time.perf_counter()
-        ran, failure = run_target(name, examples, strategy, check, args.seed)
+        ran, failure = run_target(name, examples, strategy, check, args.seed, args.save_failures)
         print(f"{name:<10} {ran:>6} examples in {time.perf_counter() - start:7.1f} s   "
               f"{'FAILED: ' + failure if failure else 'no failure'}", flush=True)
         failures += failure is not None

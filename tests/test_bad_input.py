@@ -142,25 +142,31 @@ def test_conv_transpose_groups_that_do_not_fit(tmp_path):
 
 
 # -- non-finite folds ---------------------------------------------------------------------------
-def overflowing_torch_model():
+def overflowing_torch_model(weight: float, gamma: float):
     model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)), seed=0).eval()
     with torch.no_grad():
-        model[0].weight[0, 0, 0, 0] = torch.finfo(torch.float32).max / 2
-        model[1].weight.fill_(4.0)  # scale = gamma / sqrt(var + eps) well above 2: the product overflows float32
+        model[0].weight[0, 0, 0, 0] = weight
+        model[1].weight.fill_(gamma)
         model[1].running_var.fill_(1.0)
     return model
 
 
-def test_a_fold_that_overflows_is_refused_with_the_reason():
-    model = overflowing_torch_model()
+@pytest.mark.parametrize("weight,gamma,reason", [
+    (1e28, 1e12, "would not be finite"),          # the folded weight, 1e40, overflows float32
+    (torch.finfo(torch.float32).max / 2, 4.0, "within 2^32 of float32's largest"),  # the weight itself is at the edge
+])
+def test_a_fold_that_overflows_is_refused_with_the_reason(weight, gamma, reason):
+    model = overflowing_torch_model(weight, gamma)
     x = torch.randn(1, 3, 8, 8)
     out, report = rewrite.apply(model, ["fold_bn"], example_inputs=x, return_report=True)
     assert report["fold_bn"].result.counts["fold_bn_into_conv"] == 0
     reasons = [r.reason for r in report["fold_bn"].result.refused]
-    assert any("not be finite" in r and "overflow float32" in r for r in reasons), reasons
+    assert any(reason in r and "the site was left as it was" in r for r in reasons), reasons
     assert all(torch.isfinite(p).all() for p in out.parameters())
     assert sum(isinstance(m, nn.BatchNorm2d) for m in out.modules()) == 1
-    assert "not be finite" in str(report)
+    assert reason in str(report)
+    with torch.no_grad():
+        assert torch.equal(out(x), model(x))  # left alone, so exactly the original
 
 
 def test_a_fold_that_overflows_in_onnx_is_refused(tmp_path, capsys):
@@ -169,7 +175,7 @@ def test_a_fold_that_overflows_in_onnx_is_refused(tmp_path, capsys):
     model = conv_bn_model(weight=weight, bn_scale=[8.0] * 4)
     out, report = rewrite.apply(model, ["fold_bn"], return_report=True)
     assert [n.op_type for n in out.graph.node].count("BatchNormalization") == 1
-    assert any("not be finite" in r.reason for r in report["fold_bn"].result.refused)
+    assert any("within 2^32" in r.reason for r in report["fold_bn"].result.refused)
     for t in out.graph.initializer:
         assert np.isfinite(onnx.numpy_helper.to_array(t)).all()
 

@@ -16,7 +16,7 @@ def test_mutated_onnx_through_the_api(data):
     fuzz.check_onnx_api(data)
 
 
-@fuzz_settings(60)
+@fuzz_settings(80)
 @given(data=fuzz.mutated_onnx())
 def test_mutated_onnx_through_the_cli(data):
     fuzz.check_onnx_cli(data)
