@@ -5,6 +5,8 @@ original dtype and device, so fp16/bf16 and non-CPU models keep their kind.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .errors import NonFiniteError
@@ -34,17 +36,21 @@ def check_parameter(t: torch.Tensor, dtype: torch.dtype, what: str, allow_infini
                     source: torch.Tensor | None = None) -> None:
     """Raise NonFiniteError (the driver refuses the site) if `t` is NaN, inf or within 2**32 of `dtype`'s
     range. With `allow_infinite`, values that are +-inf in `source` on purpose (open clamp bounds) pass."""
-    if not (t.is_floating_point() or t.is_complex()) or not t.numel():
+    if not t.is_floating_point() or not t.numel():
         return
-    magnitude = t.detach().abs()
+    limit = _too_large(dtype)
+    low, high = torch.aminmax(t.detach())  # one pass; NaN propagates, so a NaN makes `peak` NaN
+    peak = max(-float(low), float(high))
+    if math.isfinite(peak) and (limit is None or peak <= limit):
+        return  # the common case, decided without a copy of the tensor
     bad = ~torch.isfinite(t)
     if allow_infinite and source is not None:
         bad &= ~torch.isinf(source.detach().to(t.device))
     if bool(bad.any()):
         raise NonFiniteError(f"{what} would not be finite: {int(bad.sum())} of {t.numel()} values are NaN or "
                              f"overflow {str(dtype).replace('torch.', '')}; the site was left as it was")
-    limit = _too_large(dtype)
-    finite_max = float(magnitude[torch.isfinite(magnitude)].max()) if bool(torch.isfinite(magnitude).any()) else 0.0
+    finite = t.detach()[torch.isfinite(t)]
+    finite_max = float(finite.abs().max()) if finite.numel() else 0.0
     if limit is not None and finite_max > limit:
         raise NonFiniteError(f"{what} holds a value of magnitude {finite_max:.3g}, within 2^32 of "
                              f"{str(dtype).replace('torch.', '')}'s largest: activations would overflow in one "
