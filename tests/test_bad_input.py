@@ -116,6 +116,13 @@ def test_initializer_data_that_does_not_fit_its_type(corrupt, message):
     assert "'W'" in str(info.value)
 
 
+def test_an_opset_onnx_does_not_know():
+    model = conv_bn_model()
+    model.opset_import[0].version = 99
+    with pytest.raises(ModelLoadError, match="opset 99"):
+        rewrite.apply(model, ["fold_bn"])
+
+
 @pytest.mark.parametrize("cin,cout,groups,message", [
     (4, 6, 4, "group=4 does not divide its 6 output channels"),
     (4, 6, 3, "input has 4 channels"),

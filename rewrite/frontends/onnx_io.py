@@ -66,6 +66,15 @@ def weightless_copy(model: onnx.ModelProto, keep_dims: bool) -> onnx.ModelProto:
     return light
 
 
+def _check_opset(model: onnx.ModelProto, where: str) -> None:
+    """The standard opset must be one this onnx knows: op semantics (and our import of them) change with it."""
+    known = onnx.defs.onnx_opset_version()
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and not 1 <= opset.version <= known:
+            raise ModelLoadError(f"opset {opset.version} of the standard domain is not one this onnx "
+                                 f"{onnx.__version__} knows (1..{known})", where=where)
+
+
 def _check_tensor_data(model: onnx.ModelProto, where: str) -> None:
     """Every initializer's type is one onnx knows, and its raw data is exactly what its dims need.
 
@@ -133,6 +142,7 @@ def check_onnx(model: onnx.ModelProto, source=None) -> None:
     if model.ir_version < MIN_IR_VERSION or model.ir_version > onnx.IR_VERSION:
         raise ModelLoadError(f"unsupported IR version {model.ir_version} (this onnx {onnx.__version__} reads "
                              f"{MIN_IR_VERSION}..{onnx.IR_VERSION})", where=where)
+    _check_opset(model, where)
     _check_tensor_data(model, where)
     try:
         onnx.checker.check_model(weightless_copy(model, keep_dims=False))
