@@ -16,7 +16,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "apply": ".api",
-    "Graph": ".ir", "Node": ".ir", "Value": ".ir",
+    "Graph": ".ir", "Node": ".ir", "Value": ".ir", "OpDef": ".ir", "attr": ".ir", "define_op": ".ir",
+    "defined_ops": ".ir", "op_def": ".ir",
     "Pass": ".pass_manager", "PassResult": ".pass_manager", "RulePass": ".pass_manager",
     "available_passes": ".pass_manager", "get_pass": ".pass_manager", "register_pass": ".pass_manager",
     "P": ".pattern",
@@ -27,7 +28,7 @@ _LAZY = {
 __all__ = [
     "apply", "verify", "VerifyResult",
     "RewriteError", "TraceError", "EquivalenceError", "ModelLoadError", "PassError", "NotVerifiableError",
-    "Graph", "Node", "Value", "P", "rule", "Rule", "RewriteContext",
+    "Graph", "Node", "Value", "OpDef", "attr", "define_op", "defined_ops", "op_def", "P", "rule", "Rule", "RewriteContext",
     "Pass", "PassResult", "RulePass", "register_pass", "get_pass", "available_passes",
 ]
 
