@@ -13,6 +13,7 @@ from .ir import Graph
 from .errors import PassError
 from .pass_manager import Pass, _near, get_pass
 from .rule import Rule
+from .progress import progress_bar
 from .report import PassReport, Report
 
 
@@ -22,13 +23,13 @@ def op_counts(graph: Graph) -> dict[str, int]:
 
 @contextmanager
 def _gc_paused():
-    """Run without the cyclic collector, then hand what was built to the oldest generation.
+    """Run without the cyclic collector, then collect once what this call left behind.
 
-    Rewriting allocates many small objects and frees them by reference counting. With the collector
-    on, it rescanned the growing heap again and again (long graphs went superlinear); re-enabled
-    plainly, it would at once scan everything this call built as "young". freeze + unfreeze moves
-    those objects to the oldest generation without a scan; they are collected with the rest of the
-    program's long-lived objects. Skipped when the caller froze objects of its own.
+    Rewriting allocates many small objects and frees most by reference counting. With the collector
+    on, it rescanned the growing heap again and again (long graphs went superlinear). The IR is
+    cyclic (graph <-> nodes <-> values), so what a call discards is only freed by the collector: one
+    collection of the young generations afterwards (everything this call allocated is young, since
+    nothing was promoted while paused) frees it in one linear scan, and no garbage outlives the call.
     """
     enabled = gc.isenabled()
     gc.disable()
@@ -36,10 +37,8 @@ def _gc_paused():
         yield
     finally:
         if enabled:
-            if gc.get_freeze_count() == 0:
-                gc.freeze()
-                gc.unfreeze()
             gc.enable()
+            gc.collect(1)
 
 
 _APPLY_KEYWORDS = ("passes", "example_inputs", "verify", "return_report", "inplace", "options", "tolerance")
@@ -59,7 +58,7 @@ def _checked_options(options: dict | None, passes: list[Pass]) -> dict:
 
 def apply(model: Any, passes: Sequence[str | Pass] = ("fold_bn",), example_inputs=None, verify: bool = False,
           return_report: bool = False, inplace: bool = False, options: dict | None = None,
-          tolerance: float | None = None, **frontend_options):
+          tolerance: float | None = None, progress: bool = False, **frontend_options):
     """Rewrite `model` with `passes` and return a model of the same kind.
 
     model: an nn.Module, an onnx.ModelProto or a path to a .onnx file.
@@ -69,14 +68,16 @@ def apply(model: Any, passes: Sequence[str | Pass] = ("fold_bn",), example_input
     return_report: return (model, report) instead of the model.
     inplace: allow the result to share modules and tensors with `model` (never changes its math).
     options: per-pass options, e.g. {"remove_channels": {"threshold": 1e-3}}.
+    progress: show a progress bar (tqdm, on stderr) over the passes and their verification.
     frontend_options: concrete_args / leaf_modules for torch tracing.
     """
     with _gc_paused():
-        return _apply(model, passes, example_inputs, verify, return_report, inplace, options, tolerance,
+        return _apply(model, passes, example_inputs, verify, return_report, inplace, options, tolerance, progress,
                       frontend_options)
 
 
-def _apply(model, passes, example_inputs, verify, return_report, inplace, options, tolerance, frontend_options):
+def _apply(model, passes, example_inputs, verify, return_report, inplace, options, tolerance, progress,
+           frontend_options):
     frontend = frontend_for(model)
     if isinstance(passes, (str, Pass, Rule)):
         passes = [passes]
@@ -91,16 +92,21 @@ def _apply(model, passes, example_inputs, verify, return_report, inplace, option
     report = Report(frontend.name, nodes_before=op_counts(graph))
     if verify and example_inputs is None and frontend.name == "torch":
         raise RewriteError("verify=True needs example_inputs for a torch model")
-    for p in pass_objects:
-        start = time.perf_counter()
-        result = p.run(graph, dict(options.get(p.name, {}), example_inputs=example_inputs))
-        entry = PassReport(result, seconds=time.perf_counter() - start)
-        report.passes.append(entry)
-        if verify:
-            candidate = frontend.export(graph, copy_originals=False)
-            entry.verification = frontend.verify(model, candidate, example_inputs, tolerance=tolerance)
-            if not entry.verification.ok:
-                raise EquivalenceError(f"outputs changed: {entry.verification}", where=f"pass {p.name}")
+    with progress_bar(len(pass_objects) * (2 if verify else 1), enabled=progress) as bar:
+        for p in pass_objects:
+            bar.set_description(p.name)
+            start = time.perf_counter()
+            result = p.run(graph, dict(options.get(p.name, {}), example_inputs=example_inputs))
+            entry = PassReport(result, seconds=time.perf_counter() - start)
+            report.passes.append(entry)
+            bar.update()
+            if verify:
+                bar.set_description(f"verify {p.name}")
+                candidate = frontend.export(graph, copy_originals=False)
+                entry.verification = frontend.verify(model, candidate, example_inputs, tolerance=tolerance)
+                if not entry.verification.ok:
+                    raise EquivalenceError(f"outputs changed: {entry.verification}", where=f"pass {p.name}")
+                bar.update()
     report.nodes_after = op_counts(graph)
     out = frontend.export(graph, copy_originals=not inplace)
     return (out, report) if return_report else out

@@ -27,3 +27,11 @@ class RuleError(RewriteError):
 
 class PassError(RewriteError):
     """A pass misbehaved: unknown name, fixpoint not reached, or an internal rule error."""
+
+
+class NotVerifiableError(RewriteError):
+    """Verification was asked for but cannot run: the checker cannot execute the model (a custom op, say)."""
+
+
+class NonFiniteError(RewriteError):
+    """A rewrite computed a parameter that is not finite (an overflow): the rule refuses its site."""

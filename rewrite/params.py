@@ -5,9 +5,13 @@ original dtype and device, so fp16/bf16 and non-CPU models keep their kind.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
+from .errors import NonFiniteError
 from .ir import Node
+from .wording import batch_statistics_fix
 
 
 def f64(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -15,9 +19,55 @@ def f64(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach().to(device="cpu", dtype=torch.float64, copy=True)
 
 
-def cast_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A fresh tensor with `like`'s dtype and device (never a view of a shared tensor)."""
-    return t.detach().to(device=like.device, dtype=like.dtype, copy=True)
+# A parameter this close to its dtype's largest value (within 2**32) makes activations overflow on
+# ordinary inputs, and a fold moves where: the original overflows and the rewrite does not, or the
+# reverse. Such sites are refused; the margin is far above any trained weight.
+_HEADROOM = 2.0**32
+
+
+def _too_large(dtype: torch.dtype) -> float | None:
+    if not dtype.is_floating_point:
+        return None
+    largest = torch.finfo(dtype).max
+    return largest / _HEADROOM if largest >= 1e38 else None  # float32, bfloat16, float64; float16 has no room
+
+
+def check_parameter(t: torch.Tensor, dtype: torch.dtype, what: str, allow_infinite: bool = False,
+                    source: torch.Tensor | None = None) -> None:
+    """Raise NonFiniteError (the driver refuses the site) if `t` is NaN, inf or within 2**32 of `dtype`'s
+    range. With `allow_infinite`, values that are +-inf in `source` on purpose (open clamp bounds) pass."""
+    if not t.is_floating_point() or not t.numel():
+        return
+    limit = _too_large(dtype)
+    low, high = torch.aminmax(t.detach())  # one pass; NaN propagates, so a NaN makes `peak` NaN
+    peak = max(-float(low), float(high))
+    if math.isfinite(peak) and (limit is None or peak <= limit):
+        return  # the common case, decided without a copy of the tensor
+    bad = ~torch.isfinite(t)
+    if allow_infinite and source is not None:
+        bad &= ~torch.isinf(source.detach().to(t.device))
+    if bool(bad.any()):
+        raise NonFiniteError(f"{what} would not be finite: {int(bad.sum())} of {t.numel()} values are NaN or "
+                             f"overflow {str(dtype).replace('torch.', '')}; the site was left as it was")
+    finite = t.detach()[torch.isfinite(t)]
+    finite_max = float(finite.abs().max()) if finite.numel() else 0.0
+    if limit is not None and finite_max > limit:
+        raise NonFiniteError(f"{what} holds a value of magnitude {finite_max:.3g}, within 2^32 of "
+                             f"{str(dtype).replace('torch.', '')}'s largest: activations would overflow in one "
+                             "model and not the other; the site was left as it was")
+
+
+def cast_like(t: torch.Tensor, like: torch.Tensor, allow_infinite: bool = False) -> torch.Tensor:
+    """A fresh tensor with `like`'s dtype and device (never a view of a shared tensor).
+
+    Every rule's float64 result comes back through here, so this is where a fold whose result is
+    not finite (a float32 overflow, a BN with zero variance and eps, NaN) or near overflow is
+    refused: NonFiniteError, which the pass driver turns into a refusal of the site.
+    `allow_infinite` is for values meant to be +-inf (open clamp bounds).
+    """
+    out = t.detach().to(device=like.device, dtype=like.dtype, copy=True)
+    check_parameter(out, out.dtype, "the rewritten parameter", allow_infinite, source=t)
+    return out
 
 
 def scaled_weight(node: Node, scale: torch.Tensor) -> torch.Tensor:
@@ -28,9 +78,12 @@ def scaled_weight(node: Node, scale: torch.Tensor) -> torch.Tensor:
     float64 round trip of every weight); fp16/bf16 weights are multiplied in float64 and rounded once.
     """
     weight = node.params["weight"].detach()
+    check_parameter(weight, weight.dtype, f"the weight of {node.label}")
     if weight.dtype in (torch.float32, torch.float64):
         work = weight.cpu()
-        return scale_output_channels(node, work, scale.to(work.dtype)).to(weight.device)
+        out = scale_output_channels(node, work, scale.to(work.dtype))
+        check_parameter(out, out.dtype, "the rewritten weight")
+        return out.to(weight.device)
     return cast_like(scale_output_channels(node, f64(weight), scale), weight)
 
 
@@ -49,21 +102,29 @@ def bn_affine(bn: Node) -> tuple[torch.Tensor, torch.Tensor]:
 def bn_refusal(bn: Node) -> str | None:
     """Why a batch_norm has no fixed affine, or None when it does."""
     if bn.attrs.get("training"):
-        return f"{bn.label} uses batch statistics (training mode or track_running_stats=False); call model.eval() first"
+        return f"{bn.label} uses batch statistics {batch_statistics_fix(bn)}"
     if bn.params.get("running_mean") is None or bn.params.get("running_var") is None:
         return f"{bn.label} has no running statistics"
     return None
 
 
 def weight_bias(node: Node) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float64 weight and bias of a conv/conv_transpose/linear; a missing bias is zeros."""
-    return f64(node.params["weight"]), bias_f64(node)
+    """Float64 weight and bias of a conv/conv_transpose/linear; a missing bias is zeros.
+
+    Rules fold these, so a non-finite or near-overflow weight refuses the site (NonFiniteError).
+    """
+    weight = node.params["weight"]
+    check_parameter(weight, weight.dtype, f"the weight of {node.label}")
+    return f64(weight), bias_f64(node)
 
 
 def bias_f64(node: Node) -> torch.Tensor:
-    """Float64 bias of a conv/conv_transpose/linear; a missing bias is zeros."""
-    bias = f64(node.params.get("bias"))
-    return torch.zeros(out_channels(node), dtype=torch.float64) if bias is None else bias
+    """Float64 bias of a conv/conv_transpose/linear; a missing bias is zeros (checked like weight_bias)."""
+    bias = node.params.get("bias")
+    if bias is None:
+        return torch.zeros(out_channels(node), dtype=torch.float64)
+    check_parameter(bias, bias.dtype, f"the bias of {node.label}")
+    return f64(bias)
 
 
 def out_channels(node: Node) -> int:

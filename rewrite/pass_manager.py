@@ -5,7 +5,7 @@ from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from .errors import PassError, RewriteError
+from .errors import NonFiniteError, PassError, RewriteError
 from .ir import Graph, Node, Value, is_pure
 from .pattern import match
 from .rule import Refusal, RewriteContext, Rule
@@ -133,6 +133,8 @@ class RulePass(Pass):
                 ctx = RewriteContext(graph, node, options, r.name)
                 try:
                     outcome = r.check_outcome(r(ctx, found.bindings))
+                except NonFiniteError as exc:  # a parameter overflowed: refuse the site, with the reason
+                    outcome = Refusal(str(exc))
                 except RewriteError:
                     raise
                 except Exception as exc:  # a rule's own bug: leave the site as it was, and say so

@@ -8,6 +8,9 @@ from .pass_manager import PassResult
 from .verify import VerifyResult
 
 
+MAX_SUMMARY_LINES = 8  # per pass in the printed report; to_dict keeps them all
+
+
 @dataclass
 class PassReport:
     result: PassResult
@@ -67,8 +70,11 @@ class Report:
                 lines.append(f"{p.name:<18} {rule:<34} {count:>5}")
             if p.verification is not None:
                 lines.append(f"{'':<18} verified: {p.verification}")
-            for note in p.result.notes.get("summary", []):
+            summary = p.result.notes.get("summary", [])
+            for note in summary[:MAX_SUMMARY_LINES]:
                 lines.append(f"{'':<18} {note}")
+            if len(summary) > MAX_SUMMARY_LINES:
+                lines.append(f"{'':<18} ... {len(summary) - MAX_SUMMARY_LINES} more lines in the JSON report")
         refused = [(p.name, r) for p in self.passes for r in p.result.refused]
         if refused:
             lines.append("")

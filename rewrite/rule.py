@@ -120,6 +120,6 @@ class RewriteContext:
         return value
 
     @staticmethod
-    def param(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """A float64 result cast back to the dtype and device of an existing parameter."""
-        return cast_like(value, like)
+    def param(value: torch.Tensor, like: torch.Tensor, allow_infinite: bool = False) -> torch.Tensor:
+        """A float64 result cast back to the dtype and device of an existing parameter (refused if not finite)."""
+        return cast_like(value, like, allow_infinite)

@@ -50,6 +50,22 @@ class VerifyResult:
         return f"{verdict} ({self.dtype}, tolerance {self.tolerance:g}): " + "; ".join(rows)
 
 
+def _max_abs_and_scale(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """max|a - b| and max|a| over the finite values; NaN and inf must sit at the same places in both
+    (a model whose weights hold NaN gives NaN, and so must its rewrite), else the error is inf."""
+    if not a.numel():
+        return 0.0, 0.0
+    finite = torch.isfinite(a) & torch.isfinite(b)
+    if not bool(finite.all()):
+        same = (a == b) | (torch.isnan(a) & torch.isnan(b))
+        if not bool((finite | same).all()):
+            return float("inf"), float(a[torch.isfinite(a)].abs().max()) if torch.isfinite(a).any() else 0.0
+        a, b = a[finite], b[finite]
+        if not a.numel():
+            return 0.0, 0.0
+    return float((a - b).abs().max()), float(a.abs().max())
+
+
 def compare_outputs(reference, candidate, tolerance: float, dtype: str) -> VerifyResult:
     ref_flat, _ = tree_flatten(reference)
     cand_flat, _ = tree_flatten(candidate)
@@ -62,8 +78,7 @@ def compare_outputs(reference, candidate, tolerance: float, dtype: str) -> Verif
         if a.shape != b.shape:
             raise RewriteError(f"output {i} has shape {tuple(b.shape)}, the original {tuple(a.shape)}")
         a64, b64 = a.detach().double().cpu(), b.detach().double().cpu()
-        max_abs = float((a64 - b64).abs().max()) if a64.numel() else 0.0
-        scale = float(a64.abs().max()) if a64.numel() else 0.0
+        max_abs, scale = _max_abs_and_scale(a64, b64)
         max_rel = max_abs / scale if scale > 0 else max_abs
         result.outputs.append(OutputError(f"output{i}", max_abs, max_rel, tuple(a.shape)))
     return result

@@ -108,7 +108,7 @@ class RemoveResidualPass(RulePass):
             total["flops_before"] = sum(s["flops_before"] for s in sites) if known else None
             total["flops_after"] = sum(s["flops_after"] for s in sites) if known else None
             result.notes["total"] = total
-            result.notes["summary"] = [_summary_line(s) for s in sites] + [_summary_line(dict(total, add="total"))]
+            result.notes["summary"] = _summary(sites, total)
         return result
 
 
@@ -116,6 +116,20 @@ def _ratio(before, after) -> str:
     if before is None or after is None:
         return "?"
     return f"{before:,} -> {after:,} (x{after / before:.2f})" if before else f"{before} -> {after}"
+
+
+TOP_SITES = 3  # sites the printed report names; every site is in notes["sites"] (and the JSON report)
+
+
+def _summary(sites: list[dict], total: dict) -> list[str]:
+    """The total, then the sites that grew the most: one line per site read badly on a deep network."""
+    lines = [_summary_line(dict(total, add="total")) + f" over {len(sites)} site{'s' if len(sites) > 1 else ''}"]
+    if len(sites) > 1:
+        top = sorted(sites, key=lambda s: s["params_after"] - s["params_before"], reverse=True)[:TOP_SITES]
+        lines += [f"  most params added: {_summary_line(s)}" for s in top]
+        if len(sites) > TOP_SITES:
+            lines.append(f"  ... {len(sites) - TOP_SITES} more sites in the report's notes (sites; --report-json)")
+    return lines
 
 
 def _summary_line(note: dict) -> str:

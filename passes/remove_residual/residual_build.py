@@ -278,8 +278,8 @@ class BlockBuilder:
             low = torch.cat([low, torch.full((len(layout),), reserved_low, dtype=torch.float64)])
             high = torch.cat([high, torch.full((len(layout),), math.inf, dtype=torch.float64)])
             bound_shape = (total,) + (1,) * self.spatial_dims
-            params = {"min": self.ctx.param(low.reshape(bound_shape), self.first_weight),
-                      "max": self.ctx.param(high.reshape(bound_shape), self.first_weight)}
+            params = {"min": self.ctx.param(low.reshape(bound_shape), self.first_weight, allow_infinite=True),
+                      "max": self.ctx.param(high.reshape(bound_shape), self.first_weight, allow_infinite=True)}
             out = self.ctx.op("clamp", value, params=params, name=node.name)
         out.producer.scope = node.scope
         out.shape = _shape_with_channels(node.output, total, self.spatial_dims)

@@ -8,6 +8,7 @@ import torch
 
 from ..errors import RewriteError
 from ..ir import Graph
+from ..model_files import is_onnx_file
 
 
 def chain(operands: list, step):
@@ -56,8 +57,9 @@ class TorchFrontend(Frontend):
 
 
 def is_onnx_model(model: Any) -> bool:
+    """A ModelProto, or a path that is ONNX by its name (any case) or its content."""
     if isinstance(model, (str, os.PathLike)):
-        return str(model).endswith(".onnx")
+        return is_onnx_file(model)
     return type(model).__name__ == "ModelProto"
 
 

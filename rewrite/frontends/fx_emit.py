@@ -22,6 +22,7 @@ from ..params import pad_border
 from . import chain
 from .fx_forms import emit_call, function_form
 from .fx_import import Attr, FxOrigin, In, _fetch_attr
+from .fx_graph import WeaklyOwnedGraph
 
 _CONV_CLASSES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_T_CLASSES = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -110,7 +111,7 @@ class FxEmitter:
         self.graph = graph
         self.root: nn.Module = graph.meta["fx_root"]
         self.staging = _Staging(self.root, copy_originals)
-        self.fx_graph = fx.Graph()
+        self.fx_graph = WeaklyOwnedGraph()  # no GraphModule <-> graph cycle: see fx_graph.py
         self.env: dict[int, fx.Node] = {}
         self.lazy: dict[int, Node] = {}
         self.attr_nodes: dict[str, fx.Node] = {}

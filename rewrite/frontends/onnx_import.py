@@ -23,6 +23,7 @@ import torch
 from ..errors import ModelLoadError
 from ..ir import Graph, Node, Value, clamp_bound
 from . import onnx_forms
+from .onnx_checks import check_batch_norm_params, check_conv_channels
 
 
 @dataclass(frozen=True)
@@ -338,6 +339,9 @@ def _conv(imp: OnnxImporter, gs_node, proto) -> Node | None:
     stride = tuple(a.get("strides", [1] * dims))
     dilation = tuple(a.get("dilations", [1] * dims))
     groups = int(a.get("group", 1))
+    in_shape = _shape(gs_node.inputs[0])
+    check_conv_channels(tuple(weight.shape), groups, transpose, in_shape[1] if in_shape and len(in_shape) > 1 else None,
+                        None if bias is None else bias.numel(), f"{imp.source}, node {proto.name or proto.op_type}")
     if transpose:
         if "output_shape" in a or a.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
             return None  # output_shape / auto_pad derive the pads from sizes; keep the node as it is
@@ -372,6 +376,9 @@ def _batch_norm(imp, gs_node, proto) -> Node | None:
     attrs = {"eps": float(np.float32(a.get("epsilon", 1e-5))), "momentum": 1.0 - float(a.get("momentum", 0.9)),
              "training": training}
     params = {"running_mean": mean, "running_var": var, "weight": scale, "bias": shift}
+    in_shape = _shape(gs_node.inputs[0])
+    check_batch_norm_params(params, in_shape[1] if in_shape and len(in_shape) > 1 else None,
+                            f"{imp.source}, node {proto.name or proto.op_type}")
     slots = [In(0)] + [imp.orig(t) for t in gs_node.inputs[1:]]
     return imp.make("batch_norm", gs_node, proto, [_data(imp, gs_node.inputs[0])], slots, attrs, params,
                     num_outputs=len(gs_node.outputs))

@@ -14,6 +14,7 @@ import onnx
 
 from ..errors import ModelLoadError, RewriteError
 from ..files import atomic_write, first_line
+from .onnx_checks import check_text
 
 # Protobuf refuses to serialize a message of 2 GB or more; stay clearly below it.
 PROTOBUF_LIMIT = 2**31 - 2**20
@@ -65,17 +66,45 @@ def weightless_copy(model: onnx.ModelProto, keep_dims: bool) -> onnx.ModelProto:
     return light
 
 
-def _check_big_tensors(model: onnx.ModelProto, where: str) -> None:
-    """What the checker would have seen of the stubbed tensors: data that fits their dims."""
+def _check_opset(model: onnx.ModelProto, where: str) -> None:
+    """The standard opset must be one this onnx knows: op semantics (and our import of them) change with it."""
+    known = onnx.defs.onnx_opset_version()
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and not 1 <= opset.version <= known:
+            raise ModelLoadError(f"opset {opset.version} of the standard domain is not one this onnx "
+                                 f"{onnx.__version__} knows (1..{known})", where=where)
+
+
+def _check_tensor_data(model: onnx.ModelProto, where: str) -> None:
+    """Every initializer's type is one onnx knows, and its raw data is exactly what its dims need.
+
+    onnx.checker only says when raw data is too short (and never sees the big tensors, stubbed in
+    its weightless copy); too long, the data cannot be reshaped to the tensor it claims to be.
+    """
     for tensor in model.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.raw_data) <= BIG_TENSOR:
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        except Exception:
+            raise ModelLoadError(f"initializer {tensor.name!r} has data type {tensor.data_type}, which this onnx "
+                                 f"{onnx.__version__} does not know", where=where) from None
+        if any(d < 0 for d in tensor.dims):
+            raise ModelLoadError(f"initializer {tensor.name!r} has a negative dimension: {list(tensor.dims)}",
+                                 where=where)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or not tensor.HasField("raw_data"):
             continue
-        expected = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        if tensor.data_type in _UNSIZED_TYPES:
+            continue  # 4-bit types pack two values a byte; strings are the checker's business
+        expected = itemsize
         for d in tensor.dims:
             expected *= d
         if len(tensor.raw_data) != expected:
-            raise ModelLoadError(f"initializer {tensor.name!r} holds {len(tensor.raw_data)} bytes, its dims "
-                                 f"{list(tensor.dims)} need {expected}", where=where)
+            raise ModelLoadError(f"initializer {tensor.name!r} holds {len(tensor.raw_data)} bytes, its type "
+                                 f"{onnx.TensorProto.DataType.Name(tensor.data_type)} and dims {list(tensor.dims)} "
+                                 f"need {expected}", where=where)
+
+
+_UNSIZED_TYPES = {getattr(onnx.TensorProto, name) for name in ("STRING", "INT4", "UINT4", "FLOAT4E2M1")
+                  if hasattr(onnx.TensorProto, name)}
 
 
 def describe(source) -> str:
@@ -109,16 +138,18 @@ def check_onnx(model: onnx.ModelProto, source=None) -> None:
     where = describe(source if source is not None else model)
     if not isinstance(model, onnx.ModelProto):
         raise ModelLoadError(f"expected an onnx.ModelProto, got {type(model).__name__}", where=where)
+    check_text(model, where)
     if model.ir_version < MIN_IR_VERSION or model.ir_version > onnx.IR_VERSION:
         raise ModelLoadError(f"unsupported IR version {model.ir_version} (this onnx {onnx.__version__} reads "
                              f"{MIN_IR_VERSION}..{onnx.IR_VERSION})", where=where)
+    _check_opset(model, where)
+    _check_tensor_data(model, where)
     try:
         onnx.checker.check_model(weightless_copy(model, keep_dims=False))
-    except onnx.checker.ValidationError as exc:
+    except Exception as exc:  # ValidationError, and the C++ checker's other complaints
         node = _node_in(str(exc))
         raise ModelLoadError(f"the model fails onnx.checker: {first_line(exc)}",
                              where=where + (f", node {node}" if node else "")) from None
-    _check_big_tensors(model, where)
 
 
 def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> Path:

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import numpy as np
 import onnx
 import torch
 
-from ..errors import RewriteError
+from ..errors import NotVerifiableError, RewriteError
+from ..files import first_line
 from ..verify import DEFAULT_TOLERANCE, VerifyResult, compare_outputs
 from .onnx_io import describe, load_onnx
 
@@ -21,20 +23,49 @@ def _model(model_or_path) -> onnx.ModelProto:
     return model_or_path
 
 
-def session(model: onnx.ModelProto, source=None):
-    """An onnxruntime session without graph optimizations, so the runtime does not fold BN itself."""
+# onnxruntime's words for "no kernel for this op": a model it cannot run is not verifiable, not bad input.
+_UNKNOWN_OP = re.compile(r"is not a registered function/op|Could not find an implementation|"
+                         r"No opset import for domain", re.IGNORECASE)
+
+
+def _ort():
+    """onnxruntime, with its log (coloured, on stderr) down to errors it does not also raise."""
     import onnxruntime as ort
 
+    ort.set_default_logger_severity(4)  # fatal only: every failure reaches us as an exception anyway
+    return ort
+
+
+def session(model: onnx.ModelProto, source=None, original: bool = False):
+    """An onnxruntime session without graph optimizations, so the runtime does not fold BN itself.
+
+    A model whose op onnxruntime has no kernel for (a custom domain, say) raises NotVerifiableError
+    when it is the original: the rewrite may well be right, it just cannot be run to check it.
+    """
+    ort = _ort()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.intra_op_num_threads = 1
-    options.log_severity_level = 3
+    options.log_severity_level = 4
+    where = describe(source if source is not None else model)
     try:
         if isinstance(source, (str, os.PathLike)):
             return ort.InferenceSession(os.fspath(source), options, providers=["CPUExecutionProvider"])
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise RewriteError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}",
+        message = first_line(exc)
+        if original and _UNKNOWN_OP.search(message):
+            raise NotVerifiableError(f"onnxruntime cannot run the model, so the rewrite cannot be checked "
+                                     f"numerically: {message}", where=where) from None
+        raise RewriteError(f"onnxruntime cannot load the model: {message}", where=where) from None
+
+
+def run_session(sess, feeds, model: onnx.ModelProto, source=None) -> list:
+    """sess.run, with a failure (a malformed node onnxruntime only notices when it runs) named as the model's."""
+    try:
+        return sess.run(None, feeds)
+    except Exception as exc:
+        raise RewriteError(f"onnxruntime cannot run the model: {first_line(exc)}",
                            where=describe(source if source is not None else model)) from None
 
 
@@ -82,8 +113,10 @@ def verify_onnx(original, rewritten, example_inputs: Any = None, dtype=None, tol
     """Run both models in onnxruntime on the same inputs; max abs/rel error per output, by output name."""
     a, b = _model(original), _model(rewritten)
     feeds = random_inputs(a, seed) if example_inputs is None else as_feeds(a, example_inputs)
-    out_a = session(a, original if not isinstance(original, onnx.ModelProto) else None).run(None, feeds)
-    out_b = session(b, rewritten if not isinstance(rewritten, onnx.ModelProto) else None).run(None, feeds)
+    source_a = original if not isinstance(original, onnx.ModelProto) else None
+    source_b = rewritten if not isinstance(rewritten, onnx.ModelProto) else None
+    out_a = run_session(session(a, source_a, original=True), feeds, a, source_a)
+    out_b = run_session(session(b, source_b), feeds, b, source_b)
     first_float = next((o.dtype for o in out_a if np.issubdtype(o.dtype, np.floating)), np.dtype(np.float32))
     run_dtype = torch.from_numpy(np.empty(0, dtype=first_float)).dtype
     tol = tolerance if tolerance is not None else DEFAULT_TOLERANCE.get(run_dtype, 1e-5)
