@@ -24,6 +24,8 @@ if [ ! -f "$stamp" ]; then
     pip_install "torch==2.14.1" "torchvision==0.29.1"
     # The package itself asks only for torch>=2.1 (users elsewhere have newer torch); here the pin holds.
     printf 'torch==2.14.1\ntorchvision==0.29.1\n' > .venv/torch-pin.txt
-    pip_install -e ".[${extras}]" -c .venv/torch-pin.txt
+    target=".[${extras}]"
+    [ "$extras" = base ] && target="."  # the package's own dependencies only (what the demo needs)
+    pip_install -e "$target" -c .venv/torch-pin.txt
     touch "$stamp"
 fi
