@@ -12,6 +12,7 @@ from .frontends import frontend_for
 from .ir import Graph
 from .pass_manager import Pass, get_pass
 from .report import PassReport, Report
+from .verify import record_passes
 
 
 def op_counts(graph: Graph) -> dict[str, int]:
@@ -69,16 +70,30 @@ def _apply(model, passes, example_inputs, verify, return_report, inplace, option
     options = options or {}
     if verify and example_inputs is None and frontend.name == "torch":
         raise RewriteError("verify=True needs example_inputs for a torch model")
+    reference = frontend.reference(model, example_inputs, tolerance=tolerance) if verify else None
     for p in pass_objects:
         start = time.perf_counter()
         result = p.run(graph, dict(options.get(p.name, {}), example_inputs=example_inputs))
         entry = PassReport(result, seconds=time.perf_counter() - start)
         report.passes.append(entry)
         if verify:
-            candidate = frontend.export(graph, copy_originals=False)
-            entry.verification = frontend.verify(model, candidate, example_inputs, tolerance=tolerance)
-            if not entry.verification.ok:
-                raise EquivalenceError(f"outputs changed: {entry.verification}", where=f"pass {p.name}")
+            entry.verification = _check_pass(frontend, graph, reference, p.name)
     report.nodes_after = op_counts(graph)
     out = frontend.export(graph, copy_originals=not inplace)
+    record_passes(out, pass_objects, options)
     return (out, report) if return_report else out
+
+
+def _check_pass(frontend, graph: Graph, reference, pass_name: str):
+    """Write the graph back and judge it; anything that goes wrong is an EquivalenceError naming the pass."""
+    try:
+        candidate = frontend.export(graph, copy_originals=False)
+        verification = reference.check(candidate)
+    except RewriteError as exc:
+        raise EquivalenceError(f"the rewritten model cannot be checked: {exc}", where=f"pass {pass_name}") from exc
+    except Exception as exc:
+        raise EquivalenceError(f"the rewritten model cannot be checked: {type(exc).__name__}: {exc}",
+                               where=f"pass {pass_name}") from exc
+    if not verification.ok:
+        raise EquivalenceError(f"outputs changed: {verification}", where=f"pass {pass_name}")
+    return verification
