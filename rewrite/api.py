@@ -12,6 +12,7 @@ from .frontends import frontend_for
 from .ir import Graph
 from .pass_manager import Pass, get_pass
 from .report import PassReport, Report
+from .report_html import snapshot
 from .verify import record_passes
 
 
@@ -66,7 +67,7 @@ def _apply(model, passes, example_inputs, verify, return_report, inplace, option
         passes = [passes]
     pass_objects = [get_pass(p) for p in passes]
     graph = frontend.load(model, example_inputs, **frontend_options)
-    report = Report(frontend.name, nodes_before=op_counts(graph))
+    report = Report(frontend.name, nodes_before=op_counts(graph), graph_before=snapshot(graph))
     options = options or {}
     if verify and example_inputs is None and frontend.name == "torch":
         raise RewriteError("verify=True needs example_inputs for a torch model")
@@ -79,6 +80,7 @@ def _apply(model, passes, example_inputs, verify, return_report, inplace, option
         if verify:
             entry.verification = _check_pass(frontend, graph, reference, p.name)
     report.nodes_after = op_counts(graph)
+    report.graph_after = snapshot(graph)
     out = frontend.export(graph, copy_originals=not inplace)
     record_passes(out, pass_objects, options)
     return (out, report) if return_report else out

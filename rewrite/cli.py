@@ -85,6 +85,10 @@ def _cmd_apply(args) -> int:
     if args.report_json:
         os.makedirs(os.path.dirname(os.path.abspath(args.report_json)), exist_ok=True)
         atomic_write(args.report_json, lambda tmp: Path(tmp).write_text(json.dumps(report.to_dict(), indent=2)))
+    if args.report_html:
+        os.makedirs(os.path.dirname(os.path.abspath(args.report_html)), exist_ok=True)
+        page = report.to_html(title=f"rewrite {args.model} --passes {args.passes}")
+        atomic_write(args.report_html, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
     if args.output:
         save_model(out, args.output)
         print(f"\nwrote {args.output}")
@@ -114,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=0, help="seed of the random example inputs")
     a.add_argument("--train", action="store_true", help="keep a built model in training mode (default: eval)")
     a.add_argument("--report-json", help="also write the report as JSON")
+    a.add_argument("--report-html", help="also write the report as one self-contained HTML page with the graphs")
     a.set_defaults(run=_cmd_apply)
     p = sub.add_parser("passes", help="list the available passes")
     p.set_defaults(run=_cmd_passes)

@@ -50,6 +50,14 @@ class Report:
     passes: list[PassReport] = field(default_factory=list)
     nodes_before: dict[str, int] = field(default_factory=dict)
     nodes_after: dict[str, int] = field(default_factory=dict)
+    graph_before: Any = None  # report_html.GraphSnapshot, for to_html()
+    graph_after: Any = None
+
+    def to_html(self, title: str = "rewrite report") -> str:
+        """One self-contained HTML page (see rewrite.report_html)."""
+        from .report_html import to_html
+
+        return to_html(self, title)
 
     def __getitem__(self, name: str) -> PassReport:
         for p in self.passes:
