@@ -124,9 +124,9 @@ def _leaves(outputs) -> tuple[list[tuple[str, Any]], Any]:
 
 
 def _leaf_name(path) -> str:
-    """'output' for a lone tensor, the key for an output of a dict by name ('logits'), else output[0]['a']."""
-    if len(path) == 1 and isinstance(path[0], MappingKey):
-        return str(path[0].key)
+    """'output' for a lone tensor, a dict's key for its entries ('logits', 'scores[0]'), else 'output[0]'."""
+    if path and isinstance(path[0], MappingKey):
+        return str(path[0].key) + keystr(path[1:])
     return "output" + keystr(path)
 
 
@@ -371,7 +371,11 @@ def exact_check(original, rewritten, example_inputs, passes, options, frontend_o
     frontend = frontend_for(original)
     high, high_inputs, note = frontend.float64_copy(original, example_inputs)
     high_rewritten = apply(high, passes, example_inputs=high_inputs, options=options, **frontend_options)
-    result = frontend.verify(high, high_rewritten, high_inputs, tolerance=EXACT_TOLERANCE, **frontend_options)
+    try:
+        result = frontend.verify(high, high_rewritten, high_inputs, tolerance=EXACT_TOLERANCE, **frontend_options)
+    except RewriteError as exc:  # e.g. onnxruntime has no double kernel for an op: no exact check possible
+        result = VerifyResult(tolerance=EXACT_TOLERANCE, dtype="float64")
+        result.problems.append(f"the float64 copy cannot be run, so exactness is unchecked: {exc}")
     if note:
         result.problems.append(note)
     return result
