@@ -246,11 +246,14 @@ def fuse_concatenated_branches(ctx, concat):
     return ctx.op("concat", *operands, like=concat.output, dim=concat.attrs["dim"])
 
 
+_PARTIAL = " not merged with the rest: "
+
+
 def _leave_parts(ctx, root: Node, left: list[tuple[str, list[Node]]]) -> None:
     """A partial merge: each group of branches that stayed apart is reported with its reason."""
     for reason, nodes in left:
         names = ", ".join(n.label for n in nodes[:4]) or "identity branches"
-        ctx.leave(f"branches {names} of {root.label} not merged with the rest: {reason}", nodes)
+        ctx.leave(f"branches {names} of {root.label}{_PARTIAL}{reason}", nodes)
 
 
 def _stack_run(run, layout: Layout, weighted: list[Branch], allow: bool) -> KernelForm | str:
@@ -289,6 +292,10 @@ class FuseBranchesPass(Pass):
         # a site reported in an earlier round and rewritten in a later one is no refusal any more
         alive = {n.name for n in graph.nodes}
         result.refused = [r for r in result.refused if all(n in alive for n in r.node_names)]
+        # after a partial merge the rule meets the new sum again and refuses what is left, for the same
+        # reason: the partial report (which names the branches) says it already
+        said = {(r.rule, r.reason.split(_PARTIAL, 1)[1]) for r in result.refused if _PARTIAL in r.reason}
+        result.refused = [r for r in result.refused if (r.rule, r.reason) not in said]
         return result
 
 
