@@ -66,8 +66,8 @@ def to_dot(shot: GraphSnapshot, marks: dict[str, str]) -> str:
     for name, kind, label in shot.nodes:
         color = marks.get(name)
         fill = f", fillcolor={q(color)}" if color else ""
-        text = kind if label == name else f"{kind}\n{label}"
-        lines.append(f"  {q(name)} [label={q(text)}, id={q('node-' + name)}, tooltip={q(name)}{fill}];")
+        text = kind if label == kind else f"{kind}\n{label}"
+        lines.append(f"  {q(name)} [label={q(text)}, id={q('n_' + name)}{fill}];")
     for a, b in shot.edges:
         lines.append(f"  {q(a)} -> {q(b)};")
     for i, name in enumerate(shot.outputs):
