@@ -102,7 +102,9 @@ class OnnxReference:
                 self.high = _tree(self.model, _run(high, high, float64_feeds(self.feeds)))
                 self.reference_name = FLOAT64_REFERENCE
             except Exception as exc:  # an op without a double kernel: judge against the original, and say so
-                self.reference_name = f"original (onnxruntime cannot run its float64 copy: {_first_line(exc)})"
+                why = _first_line(exc)
+                why = why[why.index("Could not find"):] if "Could not find" in why else why  # the op, not the wrapper
+                self.reference_name = f"original (onnxruntime cannot run its float64 copy: {why})"
 
     def check(self, rewritten) -> VerifyResult:
         from ..verify import judge
