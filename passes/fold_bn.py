@@ -14,6 +14,7 @@ from rewrite.params import (bias_f64, bn_affine, bn_refusal, channel_values, f64
                             out_channels, scale_input_channels, scaled_weight, weight_bias)
 from rewrite.pass_manager import RulePass, register_pass
 from rewrite.rule import rule
+from rewrite.sites import account_for, neighbours
 from rewrite.patterns import bn_conv, conv_bn, conv_scale, conv_shift, linear_bn
 
 
@@ -135,7 +136,25 @@ def fold_shift_into_conv(ctx, x, conv, shift, add):
     return _rebuilt(ctx, conv, x, weight, bias + vector, add.output)
 
 
-fold_bn = register_pass(RulePass(
+def _unfoldable(bn) -> str:
+    """Why a batch_norm no fold_bn rule matched stays (a BN after a concat, an add or a pool, say)."""
+    source, readers = neighbours(bn)
+    why = bn_refusal(bn)
+    return (f"{why}; " if why else "") + (
+        f"{bn.label} reads {source} and is read by {readers}: a batch_norm folds only into a conv, conv_transpose "
+        "or linear whose sole reader it is, or into a conv / linear that alone reads it")
+
+
+class FoldBnPass(RulePass):
+    """The folding rules, then a reason for every batch_norm left."""
+
+    def run(self, graph, options=None):
+        result = super().run(graph, options)
+        account_for(graph, result, ["batch_norm"], "fold_bn", _unfoldable)
+        return result
+
+
+fold_bn = register_pass(FoldBnPass(
     "fold_bn",
     [fold_bn_into_conv, fold_bn_into_linear, fold_bn_before_conv, fold_scale_into_conv, fold_shift_into_conv],
     "fold BatchNorm and per-channel constant affines into the adjacent conv / conv_transpose / linear",

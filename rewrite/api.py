@@ -15,6 +15,8 @@ from .pass_manager import Pass, _near, get_pass
 from .rule import Rule
 from .progress import progress_bar
 from .report import PassReport, Report
+from .report_html import snapshot
+from .verify import record_passes
 
 
 def op_counts(graph: Graph) -> dict[str, int]:
@@ -89,9 +91,10 @@ def _apply(model, passes, example_inputs, verify, return_report, inplace, option
                            f"{_near(unknown[0], _APPLY_KEYWORDS + frontend.options)}; "
                            f"{frontend.name} models also take: {', '.join(frontend.options) or 'nothing else'}")
     graph = frontend.load(model, example_inputs, **frontend_options)
-    report = Report(frontend.name, nodes_before=op_counts(graph))
+    report = Report(frontend.name, nodes_before=op_counts(graph), graph_before=snapshot(graph))
     if verify and example_inputs is None and frontend.name == "torch":
         raise RewriteError("verify=True needs example_inputs for a torch model")
+    reference = frontend.reference(model, example_inputs, tolerance=tolerance) if verify else None
     with progress_bar(len(pass_objects) * (2 if verify else 1), enabled=progress) as bar:
         for p in pass_objects:
             bar.set_description(p.name)
@@ -102,11 +105,25 @@ def _apply(model, passes, example_inputs, verify, return_report, inplace, option
             bar.update()
             if verify:
                 bar.set_description(f"verify {p.name}")
-                candidate = frontend.export(graph, copy_originals=False)
-                entry.verification = frontend.verify(model, candidate, example_inputs, tolerance=tolerance)
-                if not entry.verification.ok:
-                    raise EquivalenceError(f"outputs changed: {entry.verification}", where=f"pass {p.name}")
+                entry.verification = _check_pass(frontend, graph, reference, p.name)
                 bar.update()
     report.nodes_after = op_counts(graph)
+    report.graph_after = snapshot(graph)
     out = frontend.export(graph, copy_originals=not inplace)
+    record_passes(out, pass_objects, options)
     return (out, report) if return_report else out
+
+
+def _check_pass(frontend, graph: Graph, reference, pass_name: str):
+    """Write the graph back and judge it; anything that goes wrong is an EquivalenceError naming the pass."""
+    try:
+        candidate = frontend.export(graph, copy_originals=False)
+        verification = reference.check(candidate)
+    except RewriteError as exc:
+        raise EquivalenceError(f"the rewritten model cannot be checked: {exc}", where=f"pass {pass_name}") from exc
+    except Exception as exc:
+        raise EquivalenceError(f"the rewritten model cannot be checked: {type(exc).__name__}: {exc}",
+                               where=f"pass {pass_name}") from exc
+    if not verification.ok:
+        raise EquivalenceError(f"outputs changed: {verification}", where=f"pass {pass_name}")
+    return verification

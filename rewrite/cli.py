@@ -87,7 +87,7 @@ def _cmd_apply(args) -> int:
     passes = [p.strip() for p in args.passes.split(",") if p.strip()]
     model = load_model(args.model, args.train, trust_pickle=args.trust_pickle)
     kind = model_kind(model)
-    for path in filter(None, (args.output, args.report_json)):
+    for path in filter(None, (args.output, args.report_json, args.report_html)):
         check_output_path(path)
     if args.output:
         check_output_suffix(args.output, kind)
@@ -103,6 +103,10 @@ def _cmd_apply(args) -> int:
     if args.report_json:
         os.makedirs(os.path.dirname(os.path.abspath(args.report_json)), exist_ok=True)
         atomic_write(args.report_json, lambda tmp: Path(tmp).write_text(json.dumps(report.to_dict(), indent=2)))
+    if args.report_html:
+        os.makedirs(os.path.dirname(os.path.abspath(args.report_html)), exist_ok=True)
+        page = report.to_html(title=f"rewrite {args.model} --passes {args.passes}")
+        atomic_write(args.report_html, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
     if args.dry_run:
         print("\ndry run: nothing written" + (f" (not {args.output})" if args.output else ""))
         return 0
@@ -151,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "Without it, files are read with torch.load(weights_only=True)")
     a.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no printed report")
     a.add_argument("--report-json", help="also write the report as JSON (every site, with all notes)")
+    a.add_argument("--report-html", help="also write the report as one self-contained HTML page with the graphs")
     a.set_defaults(run=_cmd_apply)
     p = sub.add_parser("passes", help="list the available passes")
     p.set_defaults(run=_cmd_passes)

@@ -14,14 +14,24 @@ from .rule import Refusal, RewriteContext, Rule
 @dataclass
 class Rewritten:
     rule: str
-    nodes: tuple[str, ...]  # names of the matched nodes, root first
+    nodes: tuple[str, ...]  # labels of the matched nodes (module path, else graph name), root first
+    node_names: tuple[str, ...] = ()  # their graph names
+    modules: tuple[str, ...] = ()  # their module paths, where they came from one
 
 
 @dataclass
 class Refused:
     rule: str
-    node: str
+    node: str  # label of the site's root
     reason: str
+    node_names: tuple[str, ...] = ()  # graph names of the nodes the rule looked at, root first
+    modules: tuple[str, ...] = ()
+
+
+def site_nodes(nodes: Iterable[Node]) -> dict[str, tuple[str, ...]]:
+    """The node_names / modules fields of a Rewritten or Refused for these nodes."""
+    nodes = list(nodes)
+    return {"node_names": tuple(n.name for n in nodes), "modules": tuple(dict.fromkeys(n.scope for n in nodes if n.scope))}
 
 
 @dataclass
@@ -38,9 +48,9 @@ class PassResult:
     def modified(self) -> bool:
         return sum(self.counts.values()) > 0
 
-    def record(self, rule: str, nodes: Iterable[str]) -> None:
+    def record(self, rule: str, nodes: Iterable[str], matched: Iterable[Node] = ()) -> None:
         self.counts[rule] += 1
-        self.rewritten.append(Rewritten(rule, tuple(nodes)))
+        self.rewritten.append(Rewritten(rule, tuple(nodes), **site_nodes(matched)))
 
 
 class Pass:
@@ -128,7 +138,8 @@ class RulePass(Pass):
                 if found.shared_with and not r.allow_shared:
                     reason = (f"an intermediate value of the match is also read by {', '.join(found.shared_with[:3])}; "
                               "rewriting would change that reader's input")
-                    refusals[(r.name, node.name)] = (Refused(r.name, node.label, reason), list(found.nodes))
+                    refusals[(r.name, node.name)] = (Refused(r.name, node.label, reason, **site_nodes(found.nodes)),
+                                                      list(found.nodes))
                     continue
                 ctx = RewriteContext(graph, node, options, r.name)
                 try:
@@ -143,13 +154,16 @@ class RulePass(Pass):
                 if outcome is None or isinstance(outcome, Refusal):
                     _discard(graph, ctx.created)
                     if isinstance(outcome, Refusal):
-                        refusals[(r.name, node.name)] = (Refused(r.name, node.label, outcome.reason),
-                                                          list(found.nodes))
+                        refusals[(r.name, node.name)] = (
+                            Refused(r.name, node.label, outcome.reason, **site_nodes(found.nodes)), list(found.nodes))
                     continue
                 replacements = outcome if isinstance(outcome, dict) else {node.output: outcome}
                 touched = _apply_replacements(graph, replacements)
                 refusals.pop((r.name, node.name), None)
-                result.record(r.name, [n.label for n in found.nodes])
+                result.record(r.name, [n.label for n in found.nodes], found.nodes)
+                # Parts of the site the rule left (a partial merge): refusals while their nodes last.
+                for i, (reason, kept) in enumerate(ctx.partial):
+                    refusals[(r.name, node.name, i)] = (Refused(r.name, node.label, reason, **site_nodes(kept)), kept)
                 _erase_dead(graph, found.nodes)
                 touched += [n for n in ctx.created if n.graph is graph]
                 return r.name, touched

@@ -89,9 +89,14 @@ class RewriteContext:
         self.options = options or {}
         self.created: list[Node] = []
         self.where = f"rule {rule} at {root.label}" if rule else f"node {root.label}"
+        self.partial: list[tuple[str, list[Node]]] = []  # parts left by a rewrite that did fire
 
     def fail(self, reason: str) -> Refusal:
         return Refusal(reason)
+
+    def leave(self, reason: str, nodes: list[Node]) -> None:
+        """Rewrite the site but report a part of it (`nodes`, kept as they are) left alone, and why."""
+        self.partial.append((reason, list(nodes)))
 
     def op(self, kind: str, *inputs: Value, params: dict | None = None, name: str | None = None,
            like: Value | None = None, num_outputs: int = 1, named_after: Node | None = None, **attrs) -> Value:

@@ -4,6 +4,24 @@
 # and is shown only if an install fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# System tools the HTML report and its test use: graphviz's dot draws the graphs, headless Chromium
+# opens the page. Installed from Debian's packages only when missing; without apt the tests say so.
+missing=()
+command -v dot >/dev/null 2>&1 || missing+=(graphviz)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+if [ ${#missing[@]} -gt 0 ]; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        echo "setup: apt-get install ${missing[*]}"
+        if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } \
+                > .apt.log 2>&1; then
+            cat .apt.log >&2
+            echo "setup: could not install ${missing[*]} (log above); the HTML report tests will be skipped" >&2
+        fi
+        rm -f .apt.log
+    else
+        echo "setup: ${missing[*]} missing and apt-get unavailable (not root?); the HTML report tests will be skipped" >&2
+    fi
+fi
 extras="${1:-test}"
 python="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then

@@ -136,7 +136,7 @@ def fuse_parallel_branches(ctx, add):
     if not mergeable and expansion.shifts:
         # A lone branch plus constant shifts (MobileOne's `0 + conv(x)`): the shifts become its bias.
         mergeable = [g for g in groups if len(g) == 1 and g[0].kind in WEIGHTED][:1]
-    operands, reasons, merged, shifts = [], [], 0, expansion.shifts
+    operands, reasons, merged, shifts, left = [], [], 0, expansion.shifts, []
     for group in groups:
         fused = _merge_group(group, layout, shifts, ctx.options.get("allow_costlier", False)) \
             if any(group is g for g in mergeable) else None
@@ -149,11 +149,13 @@ def fuse_parallel_branches(ctx, add):
             continue
         if isinstance(fused, str):
             reasons.append(fused)
+            left.append((fused, [b.node for b in group if b.node is not None]))
         operands += [_rescaled(ctx, b.term, layout, dtype) for b in group]
     if not merged:
         weighted_inputs = {id(b.input) for b in branches if b.kind in WEIGHTED}
         reasons += _obstacles(graph, branches, weighted_inputs)
         return ctx.fail("; ".join(reasons)) if reasons else None
+    _leave_parts(ctx, add, left)
     operands += expansion.loose
     if len(operands) == 1:
         return operands[0]
@@ -223,7 +225,7 @@ def fuse_concatenated_branches(ctx, concat):
             runs[-1].append(part)
         else:
             runs.append([part])
-    operands, reasons, merged = [], [], 0
+    operands, reasons, merged, left = [], [], 0, []
     for run in runs:
         weighted = [p[1] for p in run if p[1].kind in WEIGHTED] if run[0][1] is not None else []
         fused = _stack_run(run, layout, weighted, ctx.options.get("allow_costlier", False)) \
@@ -234,12 +236,24 @@ def fuse_concatenated_branches(ctx, concat):
             continue
         if isinstance(fused, str):
             reasons.append(fused)
+            left.append((fused, [p[1].node for p in run if p[1] is not None and p[1].node is not None]))
         operands += [p[0] for p in run]
     if not merged:
         return ctx.fail("; ".join(reasons)) if reasons else None
+    _leave_parts(ctx, concat, left)
     if len(operands) == 1:
         return operands[0]
     return ctx.op("concat", *operands, like=concat.output, dim=concat.attrs["dim"])
+
+
+_PARTIAL = " not merged with the rest: "
+
+
+def _leave_parts(ctx, root: Node, left: list[tuple[str, list[Node]]]) -> None:
+    """A partial merge: each group of branches that stayed apart is reported with its reason."""
+    for reason, nodes in left:
+        names = ", ".join(n.label for n in nodes[:4]) or "identity branches"
+        ctx.leave(f"branches {names} of {root.label}{_PARTIAL}{reason}", nodes)
 
 
 def _stack_run(run, layout: Layout, weighted: list[Branch], allow: bool) -> KernelForm | str:
@@ -276,6 +290,13 @@ class FuseBranchesPass(Pass):
         _merge(result, folded)
         if folded.modified:
             _merge(result, self.branch_rules.run(graph, options))
+        # a site reported in an earlier round and rewritten in a later one is no refusal any more
+        alive = {n.name for n in graph.nodes}
+        result.refused = [r for r in result.refused if all(n in alive for n in r.node_names)]
+        # after a partial merge the rule meets the new sum again and refuses what is left, for the same
+        # reason: the partial report (which names the branches) says it already
+        said = {(r.rule, r.reason.split(_PARTIAL, 1)[1]) for r in result.refused if _PARTIAL in r.reason}
+        result.refused = [r for r in result.refused if (r.rule, r.reason) not in said]
         return result
 
 

@@ -23,9 +23,10 @@ from rewrite.ir import Graph
 from rewrite.pass_manager import PassResult, RulePass, register_pass
 from rewrite.pattern import P
 from rewrite.rule import rule
+from rewrite.sites import account_for
 
 from .residual_build import BlockBuilder, Signals
-from .residual_site import ResidualSite, SiteRefusal, find_site
+from .residual_site import ResidualSite, SiteRefusal, block_input, find_site
 
 _STATE = "_remove_residual_state"  # per-run state the pass hands its rule through the options
 
@@ -100,6 +101,7 @@ class RemoveResidualPass(RulePass):
         state = {"ranges": NonNegativity(graph, bool(options.get("nonnegative_inputs"))), "sites": []}
         options[_STATE] = state
         result = super().run(graph, options)
+        account_for(graph, result, ["add"], self.name, _no_residual)
         sites = state["sites"]
         result.notes["sites"] = sites
         if sites:
@@ -110,6 +112,22 @@ class RemoveResidualPass(RulePass):
             result.notes["total"] = total
             result.notes["summary"] = _summary(sites, total)
         return result
+
+
+def _no_residual(add) -> str:
+    """Why an add no rule refused is no residual block (find_site returned None for it)."""
+    if len(add.inputs) != 2:
+        return f"{add.label} adds {len(add.inputs)} tensors; a residual block adds two"
+    if any(v.producer is not None and v.producer.kind == "constant" for v in add.inputs):
+        return f"{add.label} adds a constant, not a shortcut"
+    if add.inputs[0] is add.inputs[1]:
+        return f"{add.label} adds a tensor to itself (x + x), not a shortcut to a block"
+    x = block_input(add)
+    if x is None:
+        return f"{add.label}'s operands share no input nearby, so no block S(x) + F(x) ends here"
+    if x.producer is not None and x.producer.kind == "constant":
+        return f"{add.label}'s operands meet only at a constant, so no block S(x) + F(x) ends here"
+    return f"{add.label} is not a block S(x) + F(x) over {x.name} (neither operand is a chain from it)"
 
 
 def _ratio(before, after) -> str:

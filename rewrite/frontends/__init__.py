@@ -33,6 +33,14 @@ class Frontend:
         raise NotImplementedError
 
     def verify(self, original: Any, rewritten: Any, example_inputs=None, **options):
+        return self.reference(original, example_inputs, **options).check(rewritten)
+
+    def reference(self, original: Any, example_inputs=None, tolerance=None, **options):
+        """The original's outputs (and a float64 reference), computed once; `.check(rewritten)` judges."""
+        raise NotImplementedError
+
+    def float64_copy(self, model: Any, example_inputs=None) -> tuple[Any, Any, str | None]:
+        """(a float64 copy of the model, matching inputs, a note when the copy is not fully float64)."""
         raise NotImplementedError
 
 
@@ -54,6 +62,16 @@ class TorchFrontend(Frontend):
         from ..verify import verify_torch
 
         return verify_torch(original, rewritten, example_inputs, dtype, tolerance)
+
+    def reference(self, original, example_inputs=None, tolerance=None, **_):
+        from ..verify import TorchReference
+
+        return TorchReference(original, example_inputs, tolerance)
+
+    def float64_copy(self, model, example_inputs=None):
+        from ..verify import cast_floats, float64_copy
+
+        return float64_copy(model), cast_floats(example_inputs, torch.float64), None
 
 
 def is_onnx_model(model: Any) -> bool:

@@ -53,6 +53,7 @@ class _Staging:
         self.copy_originals = copy_originals
         self.memo: dict[int, Any] = {}  # one deepcopy memo, so tied parameters stay tied
         self.taken: set[str] = set()
+        self.placeholders: set[int] = set()  # ids of the empty modules standing in for a path's parents
 
     def reserve(self, path: str) -> None:
         parts = path.split(".")
@@ -68,16 +69,20 @@ class _Staging:
             src_parent = getattr(src_parent, item)
             existing = getattr(dst_parent, item, None)
             if existing is None:
-                existing = nn.Module()
-                existing.training = src_parent.training
+                existing = self._placeholder(src_parent)
                 setattr(dst_parent, item, existing)
             dst_parent = existing
+        present = dst_parent._modules.get(field)
+        if present is not None and id(present) in self.placeholders:
+            # The path was first reached as the parent of an attribute (`self.proj.weight.dtype` read
+            # before `self.proj(x)`): the real module replaces its stand-in, keeping what was put there.
+            self.placeholders.discard(id(present))
+            setattr(dst_parent, field, self._with_entries_of(present, self._source(getattr(src_parent, field))))
+            return
         if any(field in d for d in (dst_parent._modules, dst_parent._parameters, dst_parent._buffers,
                                     dst_parent.__dict__)):
             return  # already there (a module called twice, or an attribute of an installed module)
-        obj = getattr(src_parent, field)
-        if self.copy_originals:
-            obj = _clone(obj, self.memo)
+        obj = self._source(getattr(src_parent, field))
         if isinstance(obj, nn.Module) or isinstance(obj, nn.Parameter):
             setattr(dst_parent, field, obj)
         elif isinstance(obj, torch.Tensor):
@@ -85,6 +90,41 @@ class _Staging:
             dst_parent.register_buffer(field, obj, persistent=persistent)
         else:
             setattr(dst_parent, field, obj)
+
+    def _source(self, obj: Any) -> Any:
+        return _clone(obj, self.memo) if self.copy_originals else obj
+
+    def _placeholder(self, like: nn.Module) -> nn.Module:
+        module = nn.Module()
+        module.training = like.training
+        self.placeholders.add(id(module))
+        return module
+
+    def _with_entries_of(self, placeholder: nn.Module, module: nn.Module) -> nn.Module:
+        """`module`, plus anything installed in `placeholder` (and its stand-in children) that it lacks:
+        new modules named under the path. A module of the caller's own (no copy asked) is
+        shallow-copied first, never changed."""
+        modules = {}
+        for k, v in placeholder._modules.items():
+            if k not in module._modules:
+                modules[k] = v
+            elif id(v) in self.placeholders and module._modules[k] is not None:
+                merged = self._with_entries_of(v, module._modules[k])
+                if merged is not module._modules[k]:
+                    modules[k] = merged
+        tensors = {k: v for k, v in {**placeholder._parameters, **placeholder._buffers}.items()
+                   if not hasattr(module, k)}
+        if not (modules or tensors):
+            return module
+        if not self.copy_originals:
+            shallow = copy.copy(module)
+            shallow._modules, shallow._parameters, shallow._buffers = (
+                dict(module._modules), dict(module._parameters), dict(module._buffers))
+            module = shallow
+        module._modules.update(modules)
+        for k, v in tensors.items():
+            (module._parameters if isinstance(v, nn.Parameter) else module._buffers)[k] = v
+        return module
 
     def install_new(self, base: str, obj: Any) -> str:
         """Install a new module or tensor under a free path derived from `base`."""
@@ -95,7 +135,7 @@ class _Staging:
         for item in prefix:
             child = getattr(parent, item, None)
             if child is None:
-                child = nn.Module()
+                child = self._placeholder(parent)
                 setattr(parent, item, child)
             parent = child
         if isinstance(obj, nn.Module) or isinstance(obj, nn.Parameter):

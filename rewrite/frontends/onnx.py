@@ -12,7 +12,7 @@ from . import Frontend
 from .onnx_export import emit_model
 from .onnx_import import OnnxImporter
 from .onnx_io import check_onnx, describe, load_onnx, save_onnx, weightless_copy
-from .onnx_verify import SYMBOLIC_DIM, random_inputs, verify_onnx
+from .onnx_verify import SYMBOLIC_DIM, OnnxReference, as_feeds, float64_feeds, float64_model, random_inputs, verify_onnx
 
 __all__ = ["OnnxFrontend", "load_onnx", "save_onnx", "import_onnx", "export_onnx", "verify_onnx", "random_inputs"]
 
@@ -96,3 +96,11 @@ class OnnxFrontend(Frontend):
 
     def verify(self, original, rewritten, example_inputs=None, dtype=None, tolerance=None, **options):
         return verify_onnx(original, rewritten, example_inputs, dtype=dtype, tolerance=tolerance, **options)
+
+    def reference(self, original, example_inputs=None, tolerance=None, **options):
+        return OnnxReference(original, example_inputs, tolerance, **options)
+
+    def float64_copy(self, model, example_inputs=None):
+        source = load_onnx(model) if isinstance(model, (str, os.PathLike)) else model
+        feeds = None if example_inputs is None else float64_feeds(as_feeds(source, example_inputs))
+        return float64_model(source), feeds, None

@@ -1,0 +1,44 @@
+"""Sites a pass looked at and left without a rule saying why: each gets a refusal naming its neighbours.
+
+A rule reports a refusal when its pattern matched and a check failed. A BatchNorm after a concat or
+an add, or an add of two unrelated tensors, matches no pattern at all, so nothing would be said about
+it; `account_for` closes that gap, so the report has a reason for every site of the kinds a pass is about.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from .ir import Graph, Node
+from .pass_manager import PassResult, Refused, site_nodes
+
+
+def describe(node: Node | None) -> str:
+    if node is None:
+        return "a graph input"
+    return f"{node.kind} {node.label}"
+
+
+def neighbours(node: Node) -> tuple[str, str]:
+    """What feeds the node's first input, and what reads its output."""
+    source = describe(node.inputs[0].producer) if node.inputs else "nothing"
+    readers = [describe(u) for u in node.output.users][:3]
+    if node.graph is not None and any(node.output is v for v in node.graph.outputs):
+        readers.append("the graph output")
+    return source, ", ".join(readers) or "nothing"
+
+
+def account_for(graph: Graph, result: PassResult, kinds: Iterable[str], rule: str,
+                explain: Callable[[Node], str | None]) -> None:
+    """Append a refusal for every node of `kinds` still in `graph` that no rewrite or refusal names.
+
+    `explain(node)` gives the reason, or None for a node that is no site of this pass.
+    """
+    kinds = set(kinds)
+    named = {name for r in result.refused for name in r.node_names}
+    named |= {name for r in result.rewritten for name in r.node_names}
+    for node in graph.nodes:
+        if node.kind not in kinds or node.name in named:
+            continue
+        reason = explain(node)
+        if reason:
+            result.refused.append(Refused(rule, node.label, reason, **site_nodes([node])))
