@@ -4,6 +4,7 @@
     fused, report = rewrite.apply(model, ["fold_bn"], example_inputs=x, verify=True, return_report=True)
 """
 from .api import apply
+from .expansion import expand
 from .errors import EquivalenceError, ModelLoadError, PassError, RewriteError, TraceError
 from .ir import Graph, Node, Value
 from .pass_manager import Pass, PassResult, RulePass, available_passes, get_pass, register_pass
@@ -14,7 +15,7 @@ from .verify import VerifyResult, verify
 __version__ = "0.1.0"
 
 __all__ = [
-    "apply", "verify", "VerifyResult",
+    "apply", "verify", "VerifyResult", "expand",
     "RewriteError", "TraceError", "EquivalenceError", "ModelLoadError", "PassError",
     "Graph", "Node", "Value", "P", "rule", "Rule", "RewriteContext",
     "Pass", "PassResult", "RulePass", "register_pass", "get_pass", "available_passes",
