@@ -5,10 +5,11 @@
     deploy = rewrite.apply(wide.eval(), ["fold_bn", "fuse_branches"], example_inputs=x, verify=True)
 
 Modules: geometry.py (where a branch sits in a kernel), blocks.py (block modules and inits),
-schemes.py (what each scheme builds), sites.py (which layers the graph allows), api.py (expand).
+schemes.py (what each scheme builds), sites.py (which layers the graph allows), api.py (expand), roundtrip.py (contract, architecture).
 """
 from .api import ExpandReport, Expanded, expand
+from .roundtrip import architecture, contract
 from .schemes import ACB, DBB, SCHEME_NAMES, ExpandNets, MobileOne, RepVGG, Scheme, get_scheme
 
-__all__ = ["expand", "ExpandReport", "Expanded", "Scheme", "RepVGG", "ACB", "DBB", "MobileOne", "ExpandNets",
+__all__ = ["expand", "contract", "architecture", "ExpandReport", "Expanded", "Scheme", "RepVGG", "ACB", "DBB", "MobileOne", "ExpandNets",
            "get_scheme", "SCHEME_NAMES"]
