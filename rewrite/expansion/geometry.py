@@ -68,7 +68,7 @@ def centred_padding(g: ConvGeometry, axes=None) -> tuple[int, ...] | str:
             pads.append(before)
             continue
         reach = g.dilation[d] * (g.kernel[d] - 1)
-        if reach % 2 or before != after:
+        if (g.kernel[d] - 1) % 2 or before != after:  # the centre must be a tap, not between two
             return (f"kernel {g.kernel} (dilation {g.dilation}, padding {g.padding}) has no centre tap on axis {d}: "
                     "a smaller branch cannot sit at the same input positions")
         pad = before - reach // 2

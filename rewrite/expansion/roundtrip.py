@@ -27,7 +27,8 @@ def architecture(model: nn.Module, example_inputs=None) -> tuple[list[tuple], di
     for node in graph.nodes:
         if node.kind in ("conv", "conv_transpose"):
             a, w = node.attrs, node.params["weight"]
-            layers.append((node.kind, tuple(w.shape), tuple(a["stride"]), tuple(a["padding"]), tuple(a["dilation"]),
+            dilation = tuple(d if k > 1 else 1 for d, k in zip(a["dilation"], w.shape[2:]))  # moot on 1-tap axes
+            layers.append((node.kind, tuple(w.shape), tuple(a["stride"]), tuple(a["padding"]), dilation,
                            a["groups"], a.get("padding_mode", "zeros") if any(p or q for p, q in a["padding"]) else
                            "zeros"))
         elif node.kind == "linear":
