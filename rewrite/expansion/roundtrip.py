@@ -20,8 +20,9 @@ def contract(model: nn.Module, example_inputs=None, verify: bool = False, return
 
 
 def architecture(model: nn.Module, example_inputs=None) -> tuple[list[tuple], dict[str, int]]:
-    """The layers in graph order (kind, channels, kernel, stride, padding, dilation, groups, padding mode)
-    and the count of every other op: what the round trip must give back."""
+    """The layers (kind, weight shape, stride, padding, dilation, groups, padding mode), sorted (independent
+    branches may come back in another topological order), and the count of every other op:
+    what the round trip must give back."""
     graph = import_module(model, example_inputs)
     layers, ops = [], Counter()
     for node in graph.nodes:
@@ -33,6 +34,6 @@ def architecture(model: nn.Module, example_inputs=None) -> tuple[list[tuple], di
                            "zeros"))
         elif node.kind == "linear":
             layers.append(("linear", tuple(node.params["weight"].shape)))
-        elif node.kind != "constant":
-            ops[node.kind] += 1
-    return layers, dict(ops)
+        elif node.kind not in ("constant", "identity") and not (node.kind == "dropout" and not node.attrs["training"]):
+            ops[node.kind] += 1  # identities and inference-mode dropouts are no-ops the contraction may drop
+    return sorted(layers, key=repr), dict(ops)
