@@ -32,3 +32,13 @@ def test_pass_catalogue_example_runs_and_says_true():
 
     assert count(deploy, torch.nn.Conv2d) == 22 and count(deploy, torch.nn.BatchNorm2d) == 0
     assert count(plain, torch.nn.Conv2d) == 17 and "add" not in plain.code
+
+
+def test_expansion_example_runs():
+    """The README's training example: expand, train, contract, export to ONNX, verify."""
+    blocks = python_blocks("Expansion (training-time re-parameterization)")
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    assert namespace["error"] <= 1e-5
+    assert [e.path for e in namespace["report"].expanded] == ["0", "3", "6"]
+    assert namespace["report"].reason("10")
