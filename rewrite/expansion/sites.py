@@ -5,6 +5,8 @@ the traced forward, with nothing else reading its parameters. Beyond that, the g
 a layer whose output is summed or concatenated with another linear branch of its own input is
 refused, because fuse_branches reads such a sum as one, so the block would not contract back to
 this layer alone (and a merge refused for the whole sum would leave the block uncontracted).
+Likewise a layer in a linear cascade with another conv (conv -> BN -> conv): the contraction
+composes cascades, so it could fuse across the block's boundary.
 """
 from __future__ import annotations
 
@@ -18,6 +20,13 @@ from ..ir import Graph, Node, Value
 from .geometry import CONVS
 
 _LINEAR_STEPS = ("batch_norm", "identity", "dropout", "mul")
+
+
+def _linear_step(node: Node) -> bool:
+    """A per-channel affine step the contraction walks through (a mul only by a constant, not a gate)."""
+    if node.kind == "mul":
+        return any(i.producer is not None and i.producer.kind == "constant" for i in node.inputs)
+    return node.kind in _LINEAR_STEPS
 _BRANCH_KINDS = ("conv", "linear", "avg_pool")
 
 
@@ -49,7 +58,7 @@ def _reads(value: Value, x: Value, depth: int = 8) -> bool:
         return False
     if node.kind in _BRANCH_KINDS and _unaliased(node.inputs[0]) is x:
         return True
-    if node.kind in _LINEAR_STEPS + ("add",):
+    if _linear_step(node) or node.kind == "add":
         return any(_reads(i, x, depth - 1) for i in node.inputs)
     return False
 
@@ -68,9 +77,33 @@ def _joined_branch(graph: Graph, node: Node) -> str | None:
                             "would contract them as one, not give back this layer")
             if reader.kind == "concat":
                 return None
-        elif reader.kind not in _LINEAR_STEPS:
+        elif not _linear_step(reader):
             return None
         value = reader.output
+    return None
+
+
+def _cascade_neighbour(graph: Graph, node: Node) -> str | None:
+    """Why `node` cannot stand alone: a conv or linear reads its output, or made its input, with only linear
+    steps between. fuse_branches composes such cascades, so it could fuse across the block's boundary."""
+    value = node.output
+    while len(value.uses) == 1 and not graph.is_output(value):
+        reader = value.uses[0][0]
+        if reader.kind in ("conv", "linear"):
+            return (f"{reader.label} reads its output with nothing nonlinear between: fuse_branches could fuse "
+                    "across the block, not give back this layer")
+        if not _linear_step(reader):
+            break
+        value = reader.output
+    value = node.inputs[0]
+    while value.producer is not None and len(value.uses) == 1:
+        producer = value.producer
+        if producer.kind in ("conv", "linear"):
+            return (f"its input comes from {producer.label} with nothing nonlinear between: fuse_branches could "
+                    "fuse across the block, not give back this layer")
+        if not _linear_step(producer):
+            break
+        value = producer.inputs[0]
     return None
 
 
@@ -106,6 +139,6 @@ def find_sites(model: nn.Module, example_inputs=None, concrete_args=None,
             node = found[0]
             shape = node.inputs[0].shape
             site.input_rank = None if shape is None else len(shape)
-            site.refusal = _joined_branch(graph, node)
+            site.refusal = _joined_branch(graph, node) or _cascade_neighbour(graph, node)
         sites.append(site)
     return sites, others
