@@ -73,7 +73,7 @@ def assert_round_trip(original, expanded, x, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow], phases=NO_SHRINK)
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow], phases=NO_SHRINK)
 @given(case=plain_cnns(), seed=st.integers(0, 1000))
 def test_round_trip_on_random_cnns(scheme, case, seed):
     model, x = case
@@ -91,7 +91,7 @@ def test_round_trip_on_random_cnns(scheme, case, seed):
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow], phases=NO_SHRINK)
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow], phases=NO_SHRINK)
 @given(case=plain_cnns())
 def test_preserving_init_equals_the_original(scheme, case):
     model, x = case
