@@ -10,7 +10,9 @@ from typing import Any, Sequence
 from .errors import EquivalenceError, RewriteError
 from .frontends import frontend_for
 from .ir import Graph
-from .pass_manager import Pass, get_pass
+from .errors import PassError
+from .pass_manager import Pass, _near, get_pass
+from .rule import Rule
 from .report import PassReport, Report
 
 
@@ -40,6 +42,21 @@ def _gc_paused():
             gc.enable()
 
 
+_APPLY_KEYWORDS = ("passes", "example_inputs", "verify", "return_report", "inplace", "options", "tolerance")
+
+
+def _checked_options(options: dict | None, passes: list[Pass]) -> dict:
+    """Options keyed by the name of a pass of this call, each checked by its pass."""
+    options = dict(options or {})
+    by_name = {p.name: p for p in passes}
+    for name, given in options.items():
+        if name not in by_name:
+            raise PassError(f"options given for {name!r}{_near(name, by_name)}, which is not a pass of this call "
+                            f"({', '.join(by_name)})")
+        by_name[name].check_options(given)
+    return options
+
+
 def apply(model: Any, passes: Sequence[str | Pass] = ("fold_bn",), example_inputs=None, verify: bool = False,
           return_report: bool = False, inplace: bool = False, options: dict | None = None,
           tolerance: float | None = None, **frontend_options):
@@ -61,12 +78,17 @@ def apply(model: Any, passes: Sequence[str | Pass] = ("fold_bn",), example_input
 
 def _apply(model, passes, example_inputs, verify, return_report, inplace, options, tolerance, frontend_options):
     frontend = frontend_for(model)
-    if isinstance(passes, (str, Pass)):
+    if isinstance(passes, (str, Pass, Rule)):
         passes = [passes]
     pass_objects = [get_pass(p) for p in passes]
+    options = _checked_options(options, pass_objects)
+    unknown = [k for k in frontend_options if k not in frontend.options]
+    if unknown:
+        raise RewriteError(f"apply() got unknown keyword argument(s) {', '.join(map(repr, unknown))}"
+                           f"{_near(unknown[0], _APPLY_KEYWORDS + frontend.options)}; "
+                           f"{frontend.name} models also take: {', '.join(frontend.options) or 'nothing else'}")
     graph = frontend.load(model, example_inputs, **frontend_options)
     report = Report(frontend.name, nodes_before=op_counts(graph))
-    options = options or {}
     if verify and example_inputs is None and frontend.name == "torch":
         raise RewriteError("verify=True needs example_inputs for a torch model")
     for p in pass_objects:

@@ -21,5 +21,9 @@ class ModelLoadError(RewriteError):
     """A model file or model reference could not be loaded, or is malformed."""
 
 
+class RuleError(RewriteError):
+    """A rule is malformed: a parameter that names no capture, or a result that is not a Value."""
+
+
 class PassError(RewriteError):
     """A pass misbehaved: unknown name, fixpoint not reached, or an internal rule error."""

@@ -117,3 +117,18 @@ def input_shift_to_bias(node: Node, weight: torch.Tensor, shift: torch.Tensor) -
 
 def has_padding(node: Node) -> bool:
     return any(a or b for a, b in node.attrs.get("padding", ()))
+
+
+def pad_border(node: Node) -> torch.Tensor:
+    """For a `pad` with per-channel fill values: a (1, C, *out_spatial) tensor holding each channel's
+    value on the padded border and 0 inside, so zero padding plus this tensor is the pad, exactly
+    (x + 0 is x, 0 + v is v). Needs the output shape."""
+    shape = node.output.shape
+    fill = node.params["value"]
+    if shape is None:
+        raise ValueError("a pad with per-channel values needs the output shape (pass example_inputs)")
+    inside = torch.zeros((1, 1) + tuple(shape[2:]), dtype=torch.bool)
+    index = [slice(None), slice(None)] + [slice(b, size - a) for (b, a), size in zip(node.attrs["padding"], shape[2:])]
+    inside[tuple(index)] = True
+    values = f64(fill).reshape(1, -1, *([1] * (len(shape) - 2)))
+    return torch.where(inside, torch.zeros((), dtype=torch.float64), values.expand(1, shape[1], *shape[2:]))

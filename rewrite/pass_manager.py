@@ -44,10 +44,24 @@ class PassResult:
 
 
 class Pass:
-    """A named transformation of a Graph. Subclasses implement `run`."""
+    """A named transformation of a Graph. Subclasses implement `run`.
+
+    `options` names the options the pass takes (name -> what it means); `apply(..., options=...)`
+    refuses any other key, so a typo is an error rather than a silent no-op.
+    """
 
     name: str = "pass"
     description: str = ""
+    options: dict[str, str] = {}
+
+    def check_options(self, given: dict) -> None:
+        if not isinstance(given, dict):
+            raise PassError(f"options must be a dict of option -> value, not {type(given).__name__}",
+                            where=f"pass {self.name}")
+        for key in given:
+            if key not in self.options:
+                raise PassError(f"unknown option {key!r}{_near(key, self.options)}; "
+                                f"its options: {', '.join(self.options) or 'none'}", where=f"pass {self.name}")
 
     def run(self, graph: Graph, options: dict | None = None) -> PassResult:
         raise NotImplementedError
@@ -62,10 +76,15 @@ class RulePass(Pass):
     Rules are dispatched on the root op kind, so each node only meets the rules that can match it.
     """
 
-    def __init__(self, name: str, rules: Iterable[Rule], description: str = "", max_rewrites_per_node: int = 8):
+    def __init__(self, name: str, rules: Iterable[Rule], description: str = "", max_rewrites_per_node: int = 8,
+                 options: dict[str, str] | None = None):
         self.name = name
         self.rules = list(rules)
+        for r in self.rules:
+            if not isinstance(r, Rule):
+                raise PassError(f"a RulePass takes Rules (made with @rule), not {type(r).__name__}", where=f"pass {name}")
         self.description = description
+        self.options = dict(options or {})
         self.max_rewrites_per_node = max_rewrites_per_node
         self._by_kind: dict[str, list[Rule]] = defaultdict(list)
         for r in self.rules:
@@ -111,9 +130,9 @@ class RulePass(Pass):
                               "rewriting would change that reader's input")
                     refusals[(r.name, node.name)] = (Refused(r.name, node.label, reason), list(found.nodes))
                     continue
-                ctx = RewriteContext(graph, node, options)
+                ctx = RewriteContext(graph, node, options, r.name)
                 try:
-                    outcome = r(ctx, found.bindings)
+                    outcome = r.check_outcome(r(ctx, found.bindings))
                 except RewriteError:
                     raise
                 except Exception as exc:  # a rule's own bug: leave the site as it was, and say so
@@ -172,9 +191,22 @@ def _erase_dead(graph: Graph, nodes: Iterable[Node]) -> None:
 _REGISTRY: dict[str, Pass] = {}
 
 
-def register_pass(p: Pass) -> Pass:
+def register_pass(p: Pass, replace: bool = False) -> Pass:
+    """Make `p` available by name to `apply` and the CLI. An existing name is kept unless `replace=True`."""
+    if not isinstance(p, Pass):
+        raise PassError(f"register_pass takes a Pass, not {type(p).__name__}")
+    if p.name in _REGISTRY and _REGISTRY[p.name] is not p and not replace:
+        raise PassError(f"a pass named {p.name!r} is already registered; pass replace=True to replace it",
+                        where=f"pass {p.name}")
     _REGISTRY[p.name] = p
     return p
+
+
+def _near(name: str, known) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(str(name), list(known), n=2)
+    return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
 
 
 def get_pass(spec: str | Pass) -> Pass:
@@ -186,7 +218,7 @@ def get_pass(spec: str | Pass) -> Pass:
         _load_builtin_passes()
         if spec in _REGISTRY:
             return _REGISTRY[spec]
-        raise PassError(f"unknown pass {spec!r}; known passes: {', '.join(sorted(_REGISTRY))}")
+        raise PassError(f"unknown pass {spec!r}{_near(spec, _REGISTRY)}; known passes: {', '.join(sorted(_REGISTRY))}")
     raise PassError(f"a pass must be a name, a Pass or a Rule, not {type(spec).__name__}")
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from itertools import permutations
 from typing import Any, Callable, Iterator
 
-from .ir import Graph, Node, Value
+from .ir import Graph, Node, Value, op_def
 
 Bindings = dict[str, Any]
 
@@ -130,13 +130,33 @@ def _match_inputs(patterns, values, bindings, nodes):
         yield from _match_inputs(patterns[1:], values[1:], bound, seen)
 
 
+def _checked_attrs(kinds: tuple[str, ...], attrs: dict) -> dict:
+    """Attribute checks in the IR's form; a kind or attribute the registry does not know is an error here."""
+    defs = [op_def(kind, where="pattern") for kind in kinds]
+    out = {}
+    for key, expected in attrs.items():
+        for op in defs:
+            converted = expected if callable(expected) else op.convert(key, expected, "pattern")
+        out[key] = converted
+    return out
+
+
+def capture_names(pattern: Pattern) -> set[str]:
+    """Every name a pattern binds."""
+    names = {pattern.name} if pattern.name else set()
+    for sub in getattr(pattern, "inputs", None) or ():
+        names |= capture_names(sub)
+    return names
+
+
 class P:
     """Pattern constructors."""
 
     @staticmethod
     def op(kind, *inputs: Pattern, name: str | None = None, where=None, any_inputs: bool = False,
            **attrs) -> OpPattern:
-        return OpPattern(kind, None if any_inputs else tuple(inputs), name, attrs, where)
+        kinds = (kind,) if isinstance(kind, str) else tuple(kind)
+        return OpPattern(kind, None if any_inputs else tuple(inputs), name, _checked_attrs(kinds, attrs), where)
 
     @staticmethod
     def any(name: str | None = None, where=None) -> AnyPattern:
@@ -149,6 +169,7 @@ class P:
     @staticmethod
     def add(*operands: Pattern, name: str | None = None, where=None) -> OpPattern:
         """An `add` whose operands match `operands` in any order."""
+        op_def("add")
         return OpPattern("add", tuple(operands), name, {}, where, commutative=True)
 
     @staticmethod

@@ -22,6 +22,8 @@ if [ ! -f "$stamp" ]; then
     pip_install --upgrade pip
     # torch first, pinned: this machine serves these builds from its own disk.
     pip_install "torch==2.14.1" "torchvision==0.29.1"
-    pip_install -e ".[${extras}]"
+    # The package itself asks only for torch>=2.1 (users elsewhere have newer torch); here the pin holds.
+    printf 'torch==2.14.1\ntorchvision==0.29.1\n' > .venv/torch-pin.txt
+    pip_install -e ".[${extras}]" -c .venv/torch-pin.txt
     touch "$stamp"
 fi

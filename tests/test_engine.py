@@ -55,11 +55,13 @@ def test_intermediate_values_read_elsewhere_are_reported():
 def test_attribute_checks_and_predicates():
     g = Graph()
     x = g.add_input("x")
-    c = g.append(Node("clamp", "c", [x], attrs={"min": 0.0, "max": 6.0}))
+    c = g.append(Node("max_pool", "c", [x], attrs={"kernel_size": (3, 3), "stride": (2, 2), "padding": ((1, 1),) * 2,
+                                                   "dilation": (1, 1)}))
     g.outputs = [c.output]
-    assert list(match(P.op("clamp", P.any(), max=6.0), c))
-    assert not list(match(P.op("clamp", P.any(), max=1.0), c))
-    assert list(match(P.op("clamp", P.any(), min=lambda v: v is not None and v >= 0), c))
+    assert list(match(P.op("max_pool", P.any(), stride=(2, 2)), c))
+    assert list(match(P.op("max_pool", P.any(), stride=[2, 2]), c))  # written as a list, stored as a tuple
+    assert not list(match(P.op("max_pool", P.any(), stride=(1, 1)), c))
+    assert list(match(P.op("max_pool", P.any(), kernel_size=lambda k: k[0] >= 3), c))
 
 
 def test_topological_sort_places_appended_producers_first():

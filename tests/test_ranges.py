@@ -92,10 +92,10 @@ def test_what_rm_relies_on():
 def test_clamp_with_tensor_bounds_and_assume():
     graph = Graph()
     x = graph.add_input("x")
-    lo = Node("clamp", "lo", [x], {"min": None, "max": None},
+    lo = Node("clamp", "lo", [x], {},
               {"min": torch.tensor([0.0, -float("inf")]).reshape(2, 1, 1), "max": None})
     graph.append(lo)
-    hi = Node("clamp", "hi", [x], {"min": None, "max": None},
+    hi = Node("clamp", "hi", [x], {},
               {"min": torch.zeros(2, 1, 1), "max": torch.full((2, 1, 1), float("inf"))})
     graph.append(hi)
     analysis = NonNegativity(graph)

@@ -34,6 +34,19 @@ def test_pass_catalogue_example_runs_and_says_true():
     assert count(plain, torch.nn.Conv2d) == 17 and "add" not in plain.code
 
 
+def test_user_op_example_runs():
+    blocks = python_blocks("Custom rules and passes")
+    assert len(blocks) >= 2, "the README lost its user-op example"
+    namespace: dict = {}
+    try:
+        exec(compile(blocks[1], "README.md", "exec"), namespace)
+    finally:
+        from rewrite.ir import ops
+
+        ops._OPS.pop("hard_swish", None)
+    assert "hardsigmoid" not in namespace["fused"].code
+
+
 def test_expansion_example_runs():
     """The README's training example: expand, train, contract, export to ONNX, verify."""
     blocks = python_blocks("Expansion (training-time re-parameterization)")

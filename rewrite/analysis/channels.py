@@ -159,7 +159,8 @@ class _Builder:
         for value in graph.inputs:
             self.default_space(value, "it is a model input", "<input>")
         for node in graph.nodes:
-            visit = getattr(self, f"_visit_{node.kind}", self._visit_other)
+            visit = getattr(self, f"_visit_{node.kind}", None) or \
+                (self._visit_pointwise if node.op.pointwise and node.op.evaluate else self._visit_other)
             visit(node)
             for out in node.outputs:  # anything a visitor did not explain is pinned
                 self.default_space(out, f"it is produced by {_describe(node)}, which cannot drop channels",
@@ -335,12 +336,19 @@ class _Builder:
             self.g.const[id(spaces[1])] = self.g.constants(spaces[0]).clamp_min(0)
 
     def _visit_clamp(self, node: Node) -> None:
-        if node.params.get("min") is not None or node.params.get("max") is not None:
-            return self._visit_other(node)  # tensor bounds: not modelled
+        lo, hi = node.params.get("min"), node.params.get("max")
+        if any(b is not None and b.numel() != 1 for b in (lo, hi)):
+            return self._visit_other(node)  # per-channel bounds: not modelled
         spaces = self._follow(node)
         if spaces:
-            lo, hi = node.attrs.get("min"), node.attrs.get("max")
+            lo, hi = (None if b is None else float(b) for b in (lo, hi))
             self.g.const[id(spaces[1])] = torch.clamp(self.g.constants(spaces[0]), lo, hi)
+
+    def _visit_pointwise(self, node: Node) -> None:
+        """An activation of a constant channel is a constant (SiLU, GELU, sigmoid, hardswish, ...)."""
+        spaces = self._follow(node)
+        if spaces:
+            self.g.const[id(spaces[1])] = node.op.evaluate(self.g.constants(spaces[0]), **node.attrs)
 
     def _visit_identity(self, node: Node) -> None:
         spaces = self._follow(node)
@@ -480,9 +488,7 @@ class _Builder:
 
 
 def _describe(node: Node) -> str:
-    if node.kind == "opaque":
-        return f"opaque op {node.label} ({getattr(node.attrs.get('target'), '__name__', node.attrs.get('target'))})"
-    return f"{node.kind} {node.label}"
+    return node.describe()
 
 
 def _bias64(node: Node, channels: int) -> torch.Tensor:

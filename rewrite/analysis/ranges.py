@@ -7,46 +7,23 @@ a value with an equal one can carry the fact over with `assume`.
 """
 from __future__ import annotations
 
-import operator
-
-import torch
-import torch.nn.functional as F
-
 from ..ir import Graph, Node, Value
 
 # Kinds whose outputs are >= 0 when every data input is >= 0 (monotone or averaging, no sign change).
 _PRESERVING = frozenset({"max_pool", "avg_pool", "adaptive_avg_pool", "flatten", "reshape", "identity",
-                         "dropout", "split", "concat", "add", "mul"})
+                         "dropout", "split", "concat", "add", "mul", "slice", "mean"})
 
-# Opaque calls that are non-negative whatever their input (torch targets and ONNX op types).
-_NONNEG_TARGETS = {torch.sigmoid, torch.exp, torch.abs, torch.softmax, F.softmax, F.sigmoid, F.relu6,
-                   torch.square, operator.abs, "sigmoid", "exp", "abs", "softmax", "square"}
-_NONNEG_OP_TYPES = frozenset({"Sigmoid", "Exp", "Abs", "Softmax", "Relu", "Sqrt", "Softplus"})
 
 
 def _min_bound(node: Node) -> float | None:
     """The smallest lower bound of a clamp over its channels (None: no lower bound)."""
     tensor = node.params.get("min")
-    if tensor is not None:
-        return float(tensor.min())
-    return node.attrs.get("min")
+    return None if tensor is None else float(tensor.min())
 
 
 def _max_bound(node: Node) -> float | None:
     tensor = node.params.get("max")
-    if tensor is not None:
-        return float(tensor.min())  # the smallest upper bound decides whether a result can be < 0
-    return node.attrs.get("max")
-
-
-def _opaque_nonnegative(node: Node) -> bool:
-    target = node.attrs.get("target")
-    try:
-        if target in _NONNEG_TARGETS:
-            return True
-    except TypeError:  # an unhashable target
-        pass
-    return node.attrs.get("op_type") in _NONNEG_OP_TYPES
+    return None if tensor is None else float(tensor.min())  # the smallest upper bound decides the sign
 
 
 class NonNegativity:
@@ -88,7 +65,7 @@ class NonNegativity:
             return []
         if node.kind in _PRESERVING:
             return list(node.inputs)
-        if node.kind == "clamp":
+        if node.kind in ("clamp", "pad"):
             return node.inputs[:1]
         return []
 
@@ -97,8 +74,8 @@ class NonNegativity:
         if node is None:
             return self.nonnegative_inputs and value.graph_input
         kind = node.kind
-        if kind == "relu":
-            return True
+        if node.op.nonnegative or node.attrs.get("nonnegative"):
+            return True  # relu, sigmoid, softmax, ...; opaque calls a frontend knows (exp, abs, ...)
         if kind == "constant":
             tensor = node.params.get("value")
             return tensor is not None and tensor.numel() > 0 and bool((tensor >= 0).all())
@@ -109,8 +86,9 @@ class NonNegativity:
             return floor_ok and (hi is None or hi >= 0)
         if kind in _PRESERVING:
             return bool(node.inputs) and all(self._memo[id(v)] for v in node.inputs)
-        if kind == "opaque":
-            return _opaque_nonnegative(node)
+        if kind == "pad":  # reflect / replicate copy x; constant mode adds its fill value
+            fill = node.params.get("value")
+            return self._memo[id(node.inputs[0])] and (fill is None or bool((fill >= 0).all()))
         return False
 
 

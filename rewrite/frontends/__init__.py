@@ -14,6 +14,7 @@ class Frontend:
     """How one kind of model is loaded into the IR, written back, and checked numerically."""
 
     name = "frontend"
+    options: tuple[str, ...] = ()  # the keyword arguments `load` takes beyond the model and inputs
 
     def load(self, model: Any, example_inputs=None, **options) -> Graph:
         raise NotImplementedError
@@ -27,6 +28,7 @@ class Frontend:
 
 class TorchFrontend(Frontend):
     name = "torch"
+    options = ("concrete_args", "leaf_modules")
 
     def load(self, model, example_inputs=None, concrete_args=None, leaf_modules=(), **_):
         from .fx import import_module

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 from ..errors import RewriteError
 from ..ir import Graph, Node, Value, fresh_name
+from ..params import pad_border
+from .fx_forms import emit_call, function_form
 from .fx_import import Attr, FxOrigin, In, _fetch_attr
 
 _CONV_CLASSES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -123,16 +125,16 @@ class FxEmitter:
         graph = self.graph
         graph.topological_sort()
         for node in graph.nodes:
-            if isinstance(node.origin, FxOrigin) and node.origin.op in ("call_module", "get_attr"):
+            if _from_origin(node) and node.origin.op in ("call_module", "get_attr"):
                 self.staging.reserve(node.origin.target)
         for value, (target, default) in zip(graph.inputs, graph.meta["fx_placeholders"]):
             self.env[id(value)] = self.fx_graph.placeholder(target, default_value=default)
         for node in graph.nodes:
-            if node.kind == "constant" and node.origin is None:
+            if _from_origin(node):
+                out = self._emit_origin(node)
+            elif node.kind == "constant":
                 self.lazy[id(node.output)] = node  # emitted on first use: an origin may hold it as a literal
                 continue
-            if isinstance(node.origin, FxOrigin):
-                out = self._emit_origin(node)
             else:
                 out = self._emit_canonical(node)
             if len(node.outputs) == 1:
@@ -175,22 +177,33 @@ class FxEmitter:
     # Rebuilt nodes -------------------------------------------------------------------------
     def _emit_canonical(self, node: Node) -> fx.Node:
         emitter = _EMITTERS.get(node.kind)
-        if emitter is None:
-            raise RewriteError(f"cannot write a new '{node.kind}' node back to torch.fx", where=f"node {node.name}")
+        if emitter is None and function_form(node.op) is None:
+            what = "a changed opaque node" if node.kind == "opaque" else \
+                f"a new '{node.kind}' node: its definition gives no fx function form (define_op(..., fx=[...]))"
+            raise RewriteError(f"cannot write {what} back to torch.fx", where=f"node {node.name}")
         inputs = [self.fx_value(v) for v in node.inputs]
-        return emitter(self, node, inputs)
+        return (emitter or emit_call)(self, node, inputs)
 
     def new_module(self, node: Node, module: nn.Module) -> str:
         module.eval()
-        return self.staging.install_new(node.scope or node.name, module)
+        return self.staging.install_new(_base_path(node), module)
 
     def new_tensor(self, node: Node, suffix: str, tensor: torch.Tensor, parameter: bool = False) -> fx.Node:
         obj = nn.Parameter(tensor, requires_grad=tensor.is_floating_point()) if parameter else tensor
-        path = self.staging.install_new(f"{node.scope or node.name}_{suffix}", obj)
+        path = self.staging.install_new(f"{_base_path(node)}_{suffix}", obj)
         return self.fx_graph.get_attr(path)
 
     def call(self, fn: Callable, *args, **kwargs) -> fx.Node:
         return self.fx_graph.call_function(fn, args, kwargs)
+
+
+def _from_origin(node: Node) -> bool:
+    return isinstance(node.origin, FxOrigin) and node.untouched
+
+
+def _base_path(node: Node) -> str:
+    """Where a rebuilt node's module goes: after the module it replaces, or its new name if renamed."""
+    return node.name if node.renamed else (node.scope or node.name)
 
 
 def _symmetric(pads) -> bool:
@@ -296,7 +309,7 @@ def _emit_batch_norm(e: FxEmitter, node: Node, inputs):
         if affine:
             bn.weight, bn.bias = nn.Parameter(p["weight"].detach()), nn.Parameter(p["bias"].detach())
         bn.train(bool(a["training"]))
-        return e.fx_graph.call_module(e.staging.install_new(node.scope or node.name, bn), (inputs[0],))
+        return e.fx_graph.call_module(e.staging.install_new(_base_path(node), bn), (inputs[0],))
     tensors = {k: (e.new_tensor(node, k, t.detach(), parameter=k in ("weight", "bias")) if t is not None else None)
                for k, t in p.items()}
     return e.call(F.batch_norm, inputs[0], tensors["running_mean"], tensors["running_var"],
@@ -314,11 +327,13 @@ def _emit_chain(fn):
 
 
 def _emit_clamp(e: FxEmitter, node: Node, inputs):
-    lo = node.params.get("min")
-    hi = node.params.get("max")
-    lo = e.new_tensor(node, "min", lo) if lo is not None else node.attrs.get("min")
-    hi = e.new_tensor(node, "max", hi) if hi is not None else node.attrs.get("max")
-    return e.call(torch.clamp, inputs[0], lo, hi)
+    def bound(key):  # a 0-d bound is written as a Python number: it never changes the result's dtype
+        t = node.params.get(key)
+        if t is None or t.dim() == 0:
+            return None if t is None else t.item()
+        return e.new_tensor(node, key, t)
+
+    return e.call(torch.clamp, inputs[0], bound("min"), bound("max"))
 
 
 def _emit_pool(table, *keys):
@@ -335,6 +350,25 @@ def _emit_pool(table, *keys):
 
 def _emit_constant(e: FxEmitter, node: Node, inputs):
     return e.new_tensor(node, "const", node.params["value"].detach())
+
+
+def _emit_pad(e: FxEmitter, node: Node, inputs):
+    mode, fill = node.attrs["mode"], node.params.get("value")
+    flat = _torch_pad(node.attrs["padding"])
+    if fill is None or fill.dim() == 0 or mode != "constant":
+        extra = {"value": 0.0 if fill is None else fill.item()} if mode == "constant" else {}
+        return e.call(F.pad, inputs[0], flat, mode=mode, **extra)
+    try:
+        border = pad_border(node).to(node.inputs[0].dtype or torch.float32)
+    except ValueError as exc:
+        raise RewriteError(str(exc), where=f"node {node.name}") from None
+    return e.call(operator.add, e.call(F.pad, inputs[0], flat), e.new_tensor(node, "border", border))
+
+
+def _emit_slice(e: FxEmitter, node: Node, inputs):
+    a = node.attrs
+    index = (slice(None),) * a["dim"] + (slice(a["start"], a["end"], a["step"]),)
+    return e.call(operator.getitem, inputs[0], index)
 
 
 def _emit_dropout(e: FxEmitter, node: Node, inputs):
@@ -362,6 +396,8 @@ _EMITTERS: dict[str, Callable] = {
     "flatten": lambda e, n, i: e.call(torch.flatten, i[0], n.attrs["start_dim"], n.attrs["end_dim"]),
     "reshape": lambda e, n, i: e.call(torch.reshape, i[0], tuple(n.attrs["shape"])),
     "constant": _emit_constant,
+    "pad": _emit_pad,
+    "slice": _emit_slice,
 }
 
 

@@ -16,7 +16,9 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ir import Graph, Node, Value
+from ..errors import RewriteError
+from ..ir import Graph, Node, Value, clamp_bound
+from .fx_forms import FxForms, bind_call, function_form, module_parts
 
 
 @dataclass(frozen=True)
@@ -122,9 +124,9 @@ def recognize_module(m: nn.Module, nargs: int):
     if _plain(m, nn.ReLU):
         return "relu", {}, {}
     if _plain(m, nn.ReLU6):
-        return "clamp", {"min": 0.0, "max": 6.0}, {}
+        return "clamp", {}, {"min": clamp_bound(0.0), "max": clamp_bound(6.0)}
     if _plain(m, nn.Hardtanh):
-        return "clamp", {"min": float(m.min_val), "max": float(m.max_val)}, {}
+        return "clamp", {}, {"min": clamp_bound(m.min_val), "max": clamp_bound(m.max_val)}
     if _plain(m, nn.Identity):
         return "identity", {}, {}
     if _plain(m, *_DROPOUTS):
@@ -146,6 +148,20 @@ def recognize_module(m: nn.Module, nargs: int):
     return None
 
 
+_PAD_MODULES = {nn.ZeroPad1d: "constant", nn.ZeroPad2d: "constant", nn.ZeroPad3d: "constant",
+                nn.ConstantPad1d: "constant", nn.ConstantPad2d: "constant", nn.ConstantPad3d: "constant",
+                nn.ReflectionPad1d: "reflect", nn.ReflectionPad2d: "reflect", nn.ReflectionPad3d: "reflect",
+                nn.ReplicationPad1d: "replicate", nn.ReplicationPad2d: "replicate", nn.ReplicationPad3d: "replicate"}
+
+
+def pad_module_args(m: nn.Module):
+    """(pad list, mode, value) of a stock padding module, as F.pad takes them; None for anything else."""
+    for cls, mode in _PAD_MODULES.items():
+        if _plain(m, cls):
+            return list(m.padding), mode, getattr(m, "value", 0.0)
+    return None
+
+
 # -- function recognizers: signature stand-ins bind args the way torch does ----------------------
 def _sig_conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1): ...
 def _sig_conv_t(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1): ...
@@ -159,6 +175,7 @@ def _sig_cat(tensors, dim=0): ...
 def _sig_flatten(input, start_dim=0, end_dim=-1): ...
 def _sig_dropout(input, p=0.5, training=True, inplace=False): ...
 def _sig_adaptive(input, output_size): ...
+def _sig_pad(input, pad, mode="constant", value=None): ...
 
 
 _FUNCTIONS: dict[Any, tuple[str, Callable]] = {
@@ -193,6 +210,7 @@ class FxImporter:
         self.values: dict[fx.Node, Value] = {}
         self.placeholders: list[tuple[str, Any]] = []
         self.splits: dict[fx.Node, Node] = {}  # recognized split / chunk calls, whose getitems become outputs
+        self.forms = FxForms()  # the ops whose definitions give plain fx forms (activations, user ops)
 
     # The import proper --------------------------------------------------------------------
     def run(self) -> Graph:
@@ -209,6 +227,7 @@ class FxImporter:
                 self.values[fx_node] = self._import_node(fx_node)
         self.graph.meta.update(frontend="fx", fx_root=self.root, fx_placeholders=self.placeholders)
         self.graph.eliminate_dead_code()
+        self.graph.mark_imported()
         return self.graph
 
     def _import_output(self, fx_node: fx.Node) -> None:
@@ -254,6 +273,8 @@ class FxImporter:
         node.attrs["fx_op"] = fx_node.op
         node.attrs["target"] = fx_node.target
         node.attrs["pure"] = _is_pure_call(fx_node)
+        node.attrs["call"] = getattr(fx_node.target, "__name__", str(fx_node.target))
+        node.attrs["nonnegative"] = _is_nonnegative_call(fx_node)
         node.origin = FxOrigin(fx_node.op, fx_node.target, args, kwargs, fx_node.name)
         return self._finish(node, fx_node)
 
@@ -270,11 +291,18 @@ class FxImporter:
     def _recognize(self, fx_node: fx.Node) -> Value | None:
         if fx_node.op == "call_module":
             module = self.root.get_submodule(fx_node.target)
-            found = recognize_module(module, len(fx_node.args) + len(fx_node.kwargs))
+            nargs = len(fx_node.args) + len(fx_node.kwargs)
+            padding = pad_module_args(module) if nargs == 1 else None
+            if padding is not None:
+                return self._pad_node(fx_node, fx_node.args[0], *padding)
+            found = recognize_module(module, nargs) or self._module_form(module, nargs)
             if found is None or not isinstance(fx_node.args[0], fx.Node):
                 return None
             kind, attrs, params = found
-            return self._make(kind, fx_node, [fx_node.args[0]], attrs, params)
+            try:
+                return self._make(kind, fx_node, [fx_node.args[0]], attrs, params)
+            except RewriteError:
+                return None  # module settings the definition does not accept (Softmax(dim=None), ...)
         shaped = self._recognize_shaped(fx_node)
         if shaped is not None:
             return shaped
@@ -283,13 +311,35 @@ class FxImporter:
         elif fx_node.op == "call_method" and fx_node.target in _METHODS:
             kind, sig = _METHODS[fx_node.target]
         else:
-            return None
+            return self._call_form(fx_node)
         try:
             bound = inspect.signature(sig).bind(*fx_node.args, **fx_node.kwargs)
         except TypeError:
             return None
         bound.apply_defaults()
         return self._recognize_call(kind, fx_node, dict(bound.arguments))
+
+    def _module_form(self, module: nn.Module, nargs: int):
+        op = self.forms.module_op(module)
+        if op is None or nargs != len(op.inputs) or op.variadic:
+            return None
+        parts = module_parts(op, module)
+        return None if parts is None else (op.kind, *parts)
+
+    def _call_form(self, fx_node: fx.Node) -> Value | None:
+        """A call of an op whose definition lists this function or method (activations, user ops)."""
+        op = self.forms.call_op(fx_node)
+        if op is None or op.variadic:
+            return None
+        fn = fx_node.target if fx_node.op == "call_function" else function_form(op)
+        bound = bind_call(op, fn, fx_node.args, fx_node.kwargs, self._attr_tensor)
+        if bound is None:
+            return None
+        operands, attrs, params = bound
+        try:
+            return self._make(op.kind, fx_node, operands, attrs, params)
+        except RewriteError:
+            return None  # arguments of a form the definition does not accept (a None dim, ...): keep the call
 
     def _recognize_call(self, kind: str, fx_node: fx.Node, a: dict) -> Value | None:
         x = a.get("input")
@@ -316,20 +366,20 @@ class FxImporter:
         if kind in ("relu", "relu6", "hardtanh", "clamp", "flatten", "dropout", "adaptive_avg_pool"):
             if not isinstance(x, fx.Node) or any(isinstance(v, fx.Node) for k, v in a.items() if k != "input"):
                 return None
-            attrs = {}
+            attrs, params = {}, {}
             if kind == "relu6":
-                kind, attrs = "clamp", {"min": 0.0, "max": 6.0}
+                kind, params = "clamp", {"min": clamp_bound(0.0), "max": clamp_bound(6.0)}
             elif kind == "hardtanh":
-                kind, attrs = "clamp", {"min": float(a["min_val"]), "max": float(a["max_val"])}
+                kind, params = "clamp", {"min": clamp_bound(a["min_val"]), "max": clamp_bound(a["max_val"])}
             elif kind == "clamp":
-                attrs = {"min": _opt_float(a["min"]), "max": _opt_float(a["max"])}
+                params = {"min": clamp_bound(_opt_float(a["min"])), "max": clamp_bound(_opt_float(a["max"]))}
             elif kind == "flatten":
                 attrs = {"start_dim": a["start_dim"], "end_dim": a["end_dim"]}
             elif kind == "dropout":
                 attrs = {"p": a["p"], "training": bool(a["training"])}
             elif kind == "adaptive_avg_pool":
                 attrs = {"output_size": _tuple(a["output_size"], 2)}
-            return self._make(kind, fx_node, [x], attrs, {})
+            return self._make(kind, fx_node, [x], attrs, params)
         if kind in ("add", "mul"):
             if a.get("alpha", 1) != 1:
                 return None
@@ -352,7 +402,54 @@ class FxImporter:
             return self._recognize_split(fx_node)
         if (op == "call_method" and target in ("view", "reshape")) or (op == "call_function" and target is torch.reshape):
             return self._recognize_flattening_view(fx_node)
+        if op == "call_function" and target is operator.getitem:
+            return self._recognize_slice(fx_node)
+        if op == "call_function" and target is F.pad:
+            return self._recognize_pad(fx_node)
         return None
+
+    def _recognize_slice(self, fx_node: fx.Node) -> Value | None:
+        """x[..., a:b:s, ...] with one sliced axis (constant bounds) on a tensor of known shape: a `slice`."""
+        x, index = fx_node.args
+        shape = _meta_shape(x)
+        if shape is None or _meta_shape(fx_node) is None:
+            return None
+        index = index if isinstance(index, tuple) else (index,)
+        if len(index) > len(shape) or not all(isinstance(i, slice) for i in index):
+            return None
+        cut = [(d, i) for d, i in enumerate(index) if i != slice(None)]
+        if len(cut) != 1 or any(isinstance(v, fx.Node) for v in (cut[0][1].start, cut[0][1].stop, cut[0][1].step)):
+            return None
+        dim, s = cut[0]
+        start, end, step = s.indices(shape[dim])
+        if step <= 0:
+            return None
+        end = max(end, start)
+        return self._make("slice", fx_node, [x], {"dim": dim, "start": start, "end": end, "step": step}, {})
+
+    def _recognize_pad(self, fx_node: fx.Node) -> Value | None:
+        try:
+            bound = inspect.signature(_sig_pad).bind(*fx_node.args, **fx_node.kwargs)
+        except TypeError:
+            return None
+        bound.apply_defaults()
+        a = bound.arguments
+        return self._pad_node(fx_node, a["input"], a["pad"], a["mode"], a["value"])
+
+    def _pad_node(self, fx_node: fx.Node, x, pad, mode, value) -> Value | None:
+        """F.pad's last-axis-first list on a tensor of known rank, padding only spatial axes: a `pad`."""
+        shape = _meta_shape(x)
+        if shape is None or not isinstance(x, fx.Node) or not isinstance(pad, (list, tuple)) or len(pad) % 2 \
+                or any(isinstance(p, fx.Node) or not isinstance(p, int) for p in pad) or isinstance(value, fx.Node):
+            return None
+        spatial = len(shape) - 2
+        if len(pad) // 2 > spatial or mode not in ("constant", "reflect", "replicate") or any(p < 0 for p in pad):
+            return None  # pads on the channel or batch axis, cropping, or circular: kept as a call
+        pairs = [(0, 0)] * spatial
+        for i in range(len(pad) // 2):
+            pairs[spatial - 1 - i] = (pad[2 * i], pad[2 * i + 1])
+        fill = None if mode != "constant" or not value else torch.tensor(float(value), dtype=torch.float64)
+        return self._make("pad", fx_node, [x], {"padding": tuple(pairs), "mode": mode}, {"value": fill})
 
     def _recognize_split(self, fx_node: fx.Node) -> Value | None:
         """torch.split / chunk whose pieces are only taken by constant getitems: one `split` node."""
@@ -457,6 +554,17 @@ def _is_pure_call(fx_node: fx.Node) -> bool:
     if fx_node.op == "call_method":
         return fx_node.target in _PURE_METHODS
     return fx_node.op == "get_attr"
+
+
+# Calls whose result is >= 0 whatever their input (the range analysis reads the fact, not the target).
+_NONNEG_FUNCTIONS = {torch.exp, torch.abs, torch.square, operator.abs, F.relu6}
+_NONNEG_METHODS = {"exp", "abs", "square"}
+
+
+def _is_nonnegative_call(fx_node: fx.Node) -> bool:
+    if fx_node.op == "call_function":
+        return _hashable(fx_node.target) and fx_node.target in _NONNEG_FUNCTIONS
+    return fx_node.op == "call_method" and fx_node.target in _NONNEG_METHODS
 
 
 def _meta_shape(node) -> tuple | None:

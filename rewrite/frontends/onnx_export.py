@@ -18,6 +18,7 @@ import torch
 
 from ..errors import RewriteError
 from ..ir import Graph, Node, Value, fresh_name
+from . import onnx_forms
 from .onnx_import import EMPTY, In, OnnxOrigin, Orig, untouched
 
 
@@ -165,9 +166,11 @@ class OnnxEmitter:
 
     # -- rebuilt nodes --------------------------------------------------------------------------
     def emit_canonical(self, node: Node) -> list[gs.Tensor]:
-        emitter = EMITTERS.get(node.kind)
+        emitter = EMITTERS.get(node.kind) or onnx_forms.EMITTERS.get(node.kind)
         if emitter is None and node.kind != "constant":
-            raise RewriteError(f"cannot write a new '{node.kind}' node to ONNX", where=f"node {node.name}")
+            if node.kind == "opaque":
+                raise RewriteError("cannot write a changed opaque node to ONNX", where=f"node {node.name}")
+            emitter = onnx_forms.emit_generic
         outs = []
         for value in node.outputs:
             name = self.fixed_names.get(id(value)) or self.fresh_tensor_name(value.name or node.name)
@@ -345,7 +348,12 @@ def _scalar_const(e: OnnxEmitter, node: Node, suffix: str, value: float) -> gs.C
 
 def _emit_clamp(e: OnnxEmitter, node: Node, ins, outs):
     lo_t, hi_t = node.params.get("min"), node.params.get("max")
-    lo, hi = node.attrs.get("min"), node.attrs.get("max")
+    lo = lo_t.item() if lo_t is not None and lo_t.dim() == 0 else None
+    hi = hi_t.item() if hi_t is not None and hi_t.dim() == 0 else None
+    if lo is not None:
+        lo_t = None
+    if hi is not None:
+        hi_t = None
     x = ins[0]
     if lo_t is not None or hi_t is not None:
         # Per-channel bounds: Clip takes scalars only, so Max then Min with broadcast tensors.

@@ -21,7 +21,8 @@ import onnx_graphsurgeon as gs
 import torch
 
 from ..errors import ModelLoadError
-from ..ir import Graph, Node, Value
+from ..ir import Graph, Node, Value, clamp_bound
+from . import onnx_forms
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,7 @@ class OnnxOrigin:
     gs_node: Any  # gs.Node, or the gs.Constant of an initializer
     slots: list  # per original input: In / Orig / EMPTY
     output_names: list[str]
-    kind: str = ""
-    attrs: dict = field(default_factory=dict)
-    params: dict = field(default_factory=dict)
     pinned: dict = field(default_factory=dict)  # IR input index -> Value that must still be there
-    n_inputs: int = 0
     captures: list = field(default_factory=list)  # (outer tensor name, IR input index) read by subgraphs
 
     @property
@@ -59,23 +56,16 @@ class OnnxOrigin:
 
 
 def record(node: Node, origin: OnnxOrigin) -> None:
-    """Snapshot what makes `node` the same as its ONNX original."""
-    origin.kind = node.kind
-    origin.attrs = dict(node.attrs)
-    origin.params = dict(node.params)
-    origin.n_inputs = len(node.inputs)
+    """Give `node` its ONNX original and snapshot it (see Node.untouched)."""
     node.origin = origin
+    node.mark_imported()
 
 
 def untouched(node: Node) -> bool:
-    """Can `node` be written back from its origin? Only if no rule changed what it computes."""
+    """Can `node` be written back from its origin? The IR's one decision, plus this frontend's pinned
+    inputs: constant inputs written from the original tensors must still be the values they were."""
     o = node.origin
-    if not isinstance(o, OnnxOrigin):
-        return False
-    return (node.kind == o.kind and len(node.inputs) == o.n_inputs and len(node.outputs) == len(o.output_names)
-            and node.attrs == o.attrs and node.params.keys() == o.params.keys()
-            and all(node.params[k] is t for k, t in o.params.items())
-            and all(node.inputs[i] is v for i, v in o.pinned.items()))
+    return isinstance(o, OnnxOrigin) and node.untouched and all(node.inputs[i] is v for i, v in o.pinned.items())
 
 
 # -- dtype helpers -------------------------------------------------------------------------------
@@ -134,6 +124,7 @@ class OnnxImporter:
         # gs imports nodes in file order, so node i is the original model's node i.
         self.protos = list(model.graph.node)
         self._initializers: dict | None = None
+        self.forms = onnx_forms.onnx_index()  # op types of the ops defined with one (user ops included)
 
     def run(self) -> Graph:
         if len(self.gs_graph.nodes) != len(self.protos):
@@ -210,7 +201,11 @@ class OnnxImporter:
             if tensor.name and not isinstance(tensor, gs.Constant) and tensor.name not in self.env:
                 raise ModelLoadError(f"input {tensor.name!r} is neither a graph input, an initializer nor the "
                                      "output of an earlier node", where=f"{self.source}, {where}")
-        handler = HANDLERS.get(gs_node.op) if (proto.domain or "") in ("", "ai.onnx") else None
+        handler = None
+        if (proto.domain or "") in ("", "ai.onnx"):
+            handler = HANDLERS.get(gs_node.op) or onnx_forms.HANDLERS.get(gs_node.op)
+            if handler is None and gs_node.op in self.forms:
+                handler = onnx_forms.generic_handler(self.forms[gs_node.op])
         node = handler(self, gs_node, proto) if handler is not None else None
         if node is None:
             node = self._opaque(gs_node, proto)
@@ -251,11 +246,18 @@ class OnnxImporter:
             inputs.append(value)
         # Standard ops have no side effects, so an unused one may go; custom-domain ops stay.
         pure = (proto.domain or "") in ("", "ai.onnx") and not captures
+        call = f"{proto.domain}.{proto.op_type}" if proto.domain else proto.op_type
         node = self.make("opaque", gs_node, proto, inputs, slots, {"op_type": proto.op_type,
-                                                                   "domain": proto.domain, "pure": pure},
+                                                                   "domain": proto.domain, "pure": pure,
+                                                                   "call": call,
+                                                                   "nonnegative": call in _NONNEG_OP_TYPES},
                          num_outputs=len(gs_node.outputs))
         node.origin.captures = captures
         return node
+
+
+# Standard ops whose result is >= 0 whatever their input (read by the range analysis as a fact).
+_NONNEG_OP_TYPES = frozenset({"Exp", "Abs", "Softmax", "Sqrt", "Softplus", "Sigmoid", "Relu"})
 
 
 def _add_inferred_types(gs_graph, inferred: onnx.ModelProto) -> None:
@@ -489,9 +491,9 @@ def _scalar(value: torch.Tensor | None) -> float | None:
 
 def _clip(imp, gs_node, proto) -> Node | None:
     if imp.opset < 11:
-        attrs = {"min": gs_node.attrs.get("min"), "max": gs_node.attrs.get("max")}
-        attrs = {k: (None if v is None else float(np.float32(v))) for k, v in attrs.items()}
-        return imp.make("clamp", gs_node, proto, [_data(imp, gs_node.inputs[0])], [In(0)], attrs)
+        bounds = {k: gs_node.attrs.get(k) for k in ("min", "max")}
+        params = {k: clamp_bound(None if v is None else float(np.float32(v))) for k, v in bounds.items()}
+        return imp.make("clamp", gs_node, proto, [_data(imp, gs_node.inputs[0])], [In(0)], params=params)
     bounds = []
     for i in (1, 2):
         tensor = _input(gs_node, i)
@@ -504,7 +506,7 @@ def _clip(imp, gs_node, proto) -> Node | None:
         bounds.append(_scalar(value))
     slots = [In(0)] + [imp.orig(_input(gs_node, i)) for i in range(1, len(gs_node.inputs))]
     return imp.make("clamp", gs_node, proto, [_data(imp, gs_node.inputs[0])], slots,
-                    {"min": bounds[0], "max": bounds[1]})
+                    params={"min": clamp_bound(bounds[0]), "max": clamp_bound(bounds[1])})
 
 
 def _concat(imp, gs_node, proto) -> Node | None:

@@ -284,7 +284,7 @@ class BlockBuilder:
             bound_shape = (total,) + (1,) * self.spatial_dims
             params = {"min": self.ctx.param(low.reshape(bound_shape), self.first_weight),
                       "max": self.ctx.param(high.reshape(bound_shape), self.first_weight)}
-            out = self.ctx.op("clamp", value, params=params, name=node.name, min=None, max=None)
+            out = self.ctx.op("clamp", value, params=params, name=node.name)
         out.producer.scope = node.scope
         out.shape = _shape_with_channels(node.output, total, self.spatial_dims)
         out.dtype = node.output.dtype
@@ -344,8 +344,7 @@ def _clamp_bounds(node: Node, channels: int, spatial_dims: int) -> tuple[torch.T
     for key, missing in (("min", -math.inf), ("max", math.inf)):
         tensor = node.params.get(key)
         if tensor is None:
-            scalar = node.attrs.get(key)
-            bounds.append(torch.full((channels,), missing if scalar is None else float(scalar), dtype=torch.float64))
+            bounds.append(torch.full((channels,), missing, dtype=torch.float64))
             continue
         flat = tensor.detach().to(torch.float64).reshape(-1)
         shape = list(tensor.shape)

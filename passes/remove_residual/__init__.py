@@ -130,4 +130,7 @@ remove_residual = register_pass(RemoveResidualPass(
     "remove_residual", [reserve_and_merge],
     "RM residual removal: widen each residual block's convs to carry its input and merge the shortcut, "
     "so the add disappears (exact, or refused with the reason)",
+    options={"signed": "'split' (default: a signed input as relu(x), relu(-x)) or 'clamp' (C channels, "
+                       "per-channel clamps)",
+             "nonnegative_inputs": "trust the graph inputs to be >= 0 (images in [0, 1])"},
 ))

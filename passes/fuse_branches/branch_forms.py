@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from rewrite.analysis.kernels import (accumulate, avg_pool_kernel, bias_through, compose, dirac, embed, regroup,
+from rewrite.numerics.kernels import (accumulate, avg_pool_kernel, bias_through, compose, dirac, embed, regroup,
                                       scale_rows)
 from rewrite.params import weight_bias
 

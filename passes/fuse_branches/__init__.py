@@ -26,7 +26,7 @@ from rewrite.rule import rule
 from .branch_forms import KernelForm, branch_form, compose_forms, node_form, stack_forms, sum_forms
 from .branch_terms import (WEIGHTED, Branch, Layout, Term, classify, expand, find_layout, layout_of, obstacle,
                            unaliased)
-from .fold_bn import fold_bn_into_conv, fold_bn_into_linear
+from ..fold_bn import fold_bn_into_conv, fold_bn_into_linear
 
 
 def _rank(value: Value) -> int | None:
@@ -299,6 +299,7 @@ class FuseBranchesPass(Pass):
     name = "fuse_branches"
     description = ("merge parallel, concatenated and cascaded linear branches (RepVGG, ACNet, DBB, MobileOne, "
                    "ExpandNets) into one conv, folding BatchNorm on the way")
+    options = {"allow_costlier": "also merge when the fused kernel costs more multiply-adds than the branches"}
 
     def __init__(self):
         self.branch_rules = RulePass(self.name, [fuse_parallel_branches, fuse_concatenated_branches,

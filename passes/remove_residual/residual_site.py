@@ -88,9 +88,7 @@ class ResidualSite:
 
 def _describe(node: Node) -> str:
     if node.kind == "opaque":
-        target = node.attrs.get("target", node.attrs.get("op_type", "?"))
-        label = getattr(target, "__name__", str(target))
-        return f"{node.label} ({label})"
+        return f"{node.label} ({node.attrs.get('call', '?')})"
     return f"{node.label} ({node.kind})"
 
 

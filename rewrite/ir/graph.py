@@ -16,22 +16,11 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-# Canonical op kinds. Rules dispatch on these; frontends map their own ops onto them.
-CANONICAL_KINDS = frozenset(
-    {
-        "conv", "conv_transpose", "linear", "batch_norm",
-        "add", "mul", "relu", "clamp", "identity", "dropout",
-        "avg_pool", "max_pool", "adaptive_avg_pool", "concat", "split", "flatten", "reshape",
-        "constant", "opaque",
-    }
-)
-# Kinds without side effects: a node of these kinds whose outputs are unused can be erased.
-PURE_KINDS = CANONICAL_KINDS - {"opaque"}
-
+from .ops import OpDef, op_def
 
 def is_pure(node: "Node") -> bool:
-    """Canonical ops are pure; an opaque node only when its frontend vouched for it."""
-    return node.kind in PURE_KINDS or bool(node.attrs.get("pure"))
+    """Declared pure by its op definition; an opaque node only when its frontend vouched for it."""
+    return node.op.pure or bool(node.attrs.get("pure"))
 
 
 def fresh_name(base: str, taken, reserve: set | None = None) -> str:
@@ -75,22 +64,55 @@ class Value:
 class Node:
     """One operation. `attrs` hold plain data, `params` hold tensors (weights, statistics)."""
 
-    __slots__ = ("kind", "name", "inputs", "outputs", "attrs", "params", "origin", "scope", "graph")
+    __slots__ = ("kind", "op", "name", "inputs", "outputs", "attrs", "params", "origin", "scope", "graph",
+                 "_snapshot")
 
     def __init__(self, kind: str, name: str, inputs: Iterable[Value] = (), attrs: dict | None = None,
-                 params: dict[str, torch.Tensor | None] | None = None, num_outputs: int = 1,
+                 params: dict[str, torch.Tensor | None] | None = None, num_outputs: int | None = None,
                  origin: Any = None):
+        where = f"node {name}"
+        self.op: OpDef = op_def(kind, where)  # unknown kinds, attributes and params fail here
         self.kind = kind
         self.name = name
         self.inputs: list[Value] = []
-        self.attrs: dict[str, Any] = dict(attrs or {})
-        self.params: dict[str, torch.Tensor | None] = dict(params or {})
-        self.origin = origin  # frontend data to write this node back unchanged; None once rebuilt
+        self.attrs: dict[str, Any] = self.op.check_attrs(attrs or {}, where)
+        self.params: dict[str, torch.Tensor | None] = self.op.check_params(params or {}, where)
+        self.origin = origin  # frontend data to write this node back unchanged (see `untouched`)
         self.scope: str | None = None  # the module path this node came from, used to name what replaces it
         self.graph: Graph | None = None
+        self._snapshot: tuple | None = None
         for value in inputs:
             self.add_input(value)
+        if num_outputs is None:
+            num_outputs = len(self.attrs["sizes"]) if kind == "split" else 1
         self.outputs = [Value(name if i == 0 else f"{name}.{i}", self, i) for i in range(num_outputs)]
+
+    # -- the one "untouched" decision, shared by every backend ------------------------------------
+    def _state(self) -> tuple:
+        params = tuple((k, id(t), t._version if t is not None else None) for k, t in self.params.items())
+        return (self.kind, self.name, len(self.inputs), len(self.outputs), params)
+
+    def mark_imported(self) -> None:
+        """Snapshot what this node is as a frontend imported it (called once, at the end of import)."""
+        self._snapshot = (self._state(), dict(self.attrs))
+
+    @property
+    def untouched(self) -> bool:
+        """True while the node computes exactly what its origin did, so a backend may write the origin.
+
+        Changing the kind, the name, an attribute, a parameter (replaced, or edited in place), or the
+        number of inputs or outputs makes a node touched, and every backend writes it anew from the IR.
+        Rewiring an input to another value does not: the origin is written with the new input.
+        """
+        if self.origin is None or self._snapshot is None:
+            return False
+        state, attrs = self._snapshot
+        return self._state() == state and self.attrs == attrs
+
+    @property
+    def renamed(self) -> bool:
+        """Has the node been given a new name since import? Backends then name what they write after it."""
+        return self._snapshot is not None and self._snapshot[0][1] != self.name
 
     @property
     def output(self) -> Value:
@@ -100,6 +122,12 @@ class Node:
     def label(self) -> str:
         """How reports name this node: its module path when it came from one, else its graph name."""
         return self.scope or self.name
+
+    def describe(self) -> str:
+        """How reports name what this node does: its kind, or for an opaque node the call it keeps."""
+        if self.kind == "opaque":
+            return f"opaque op {self.label} ({self.attrs.get('call', '?')})"
+        return f"{self.kind} {self.label}"
 
     def add_input(self, value: Value) -> None:
         value.uses.append((self, len(self.inputs)))
@@ -178,6 +206,12 @@ class Graph:
     def external_uses(self, value: Value) -> int:
         """Number of reads of a value, counting each graph output as one read."""
         return len(value.uses) + sum(1 for v in self.outputs if v is value)
+
+    def mark_imported(self) -> None:
+        """Snapshot every node that has an origin: from now on `node.untouched` tells edits apart."""
+        for node in self._nodes:
+            if node.origin is not None:
+                node.mark_imported()
 
     def count(self, kind: str) -> int:
         return sum(1 for n in self._nodes if n.kind == kind)

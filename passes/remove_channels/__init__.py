@@ -123,6 +123,8 @@ def zero_small_gammas(graph: Graph, threshold: float) -> int:
 class RemoveChannels(Pass):
     name = RULE
     description = "physically remove provably dead channels (BN gamma 0, zero filters) across the whole graph"
+    options = {"threshold": "lossy: first zero every BN gamma with abs <= threshold (the report says how far "
+                            "the outputs moved)"}
 
     def run(self, graph: Graph, options: dict | None = None) -> PassResult:
         options = dict(options or {})

@@ -1,0 +1,1 @@
+"""Exact numerics for rewrites: kernel algebra (Dirac, avg-pool and composed kernels)."""
