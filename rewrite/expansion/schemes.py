@@ -73,9 +73,8 @@ class RepVGG(Scheme):
 
     def build(self, module, g, init):
         padding, side = module_padding(g), centred_padding(g)
-        for why in (padding, side):
-            if isinstance(why, str):
-                return why
+        if isinstance(padding, str) or isinstance(side, str):
+            return padding if isinstance(padding, str) else side
         ref = module.weight
         branches = OrderedDict(rbr_dense=conv_bn(conv(g, ref, padding=padding), g, ref),
                                rbr_1x1=conv_bn(_centred(g, ref, side), g, ref))
@@ -130,9 +129,8 @@ class DBB(Scheme):
 
     def build(self, module, g, init):
         padding, side = module_padding(g), centred_padding(g)
-        for why in (padding, side):
-            if isinstance(why, str):
-                return why
+        if isinstance(padding, str) or isinstance(side, str):
+            return padding if isinstance(padding, str) else side
         ref, dims = module.weight, g.dims
         one = (1,) * dims
         c, o, groups = g.in_channels, g.out_channels, g.groups
