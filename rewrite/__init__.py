@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "apply": ".api",
+    "expand": ".expansion",
     "Graph": ".ir", "Node": ".ir", "Value": ".ir", "OpDef": ".ir", "attr": ".ir", "define_op": ".ir",
     "defined_ops": ".ir", "op_def": ".ir",
     "Pass": ".pass_manager", "PassResult": ".pass_manager", "RulePass": ".pass_manager",
@@ -26,7 +27,7 @@ _LAZY = {
 }
 
 __all__ = [
-    "apply", "verify", "VerifyResult",
+    "apply", "verify", "VerifyResult", "expand",
     "RewriteError", "TraceError", "EquivalenceError", "ModelLoadError", "PassError", "NotVerifiableError",
     "Graph", "Node", "Value", "OpDef", "attr", "define_op", "defined_ops", "op_def", "P", "rule", "Rule", "RewriteContext",
     "Pass", "PassResult", "RulePass", "register_pass", "get_pass", "available_passes",

@@ -2,6 +2,7 @@
 
     rewrite apply torchvision.models:resnet18 --passes fold_bn,cleanup -o resnet18.pt --verify
     rewrite apply model.onnx --passes fold_bn -o model.fused.onnx --verify
+    rewrite expand torchvision.models:resnet18 --scheme repvgg -o resnet18.repvgg.pt --verify
     rewrite passes
 
 Exit codes: 0 done, 2 bad input (unreadable model, unknown pass, untraceable model, unwritable
@@ -121,6 +122,12 @@ def _cmd_apply(args) -> int:
     return 0
 
 
+def _cmd_expand(args) -> int:
+    from .expansion.command import run
+
+    return run(args, load_model, parse_shape, save_model)
+
+
 def _cmd_passes(args) -> int:
     from .pass_catalog import BUILTIN_PASSES
 
@@ -157,6 +164,22 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--report-json", help="also write the report as JSON (every site, with all notes)")
     a.add_argument("--report-html", help="also write the report as one self-contained HTML page with the graphs")
     a.set_defaults(run=_cmd_apply)
+    e = sub.add_parser("expand", help="replace convs by training-time blocks (RepVGG, ACB, DBB, MobileOne, ExpandNets)")
+    e.add_argument("model", help="package.module:callable or a torch.save'd model (.pt/.pth)")
+    e.add_argument("--scheme", default="repvgg", choices=["repvgg", "acb", "dbb", "mobileone", "expand"])
+    e.add_argument("-o", "--output", help="where to write the expanded model (.pt), in training mode")
+    e.add_argument("--where", action="append", help="module path pattern to expand, e.g. 'layer1.*' (repeatable; "
+                                                    "default: what the scheme's paper expands)")
+    e.add_argument("--init", default="preserve", choices=["preserve", "fresh"],
+                   help="preserve: the expanded model computes the original's outputs (default); fresh: new weights")
+    e.add_argument("--k", type=int, help="mobileone: number of KxK branches (default 4)")
+    e.add_argument("--ratio", type=int, help="expand: width ratio of the cascades' middles (default 4)")
+    e.add_argument("--input-shape", action="append", help="example input shape (default 1,3,224,224)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the random example inputs")
+    e.add_argument("--verify", action="store_true",
+                   help="check the preserving init and the round trip expand -> contract; exit 3 on a mismatch")
+    e.add_argument("--report-json", help="also write the report as JSON")
+    e.set_defaults(run=_cmd_expand)
     p = sub.add_parser("passes", help="list the available passes")
     p.set_defaults(run=_cmd_passes)
     return parser

@@ -45,3 +45,13 @@ def test_user_op_example_runs():
 
         ops._OPS.pop("hard_swish", None)
     assert "hardsigmoid" not in namespace["fused"].code
+
+
+def test_expansion_example_runs():
+    """The README's training example: expand, train, contract, export to ONNX, verify."""
+    blocks = python_blocks("Expansion (training-time re-parameterization)")
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    assert namespace["error"] <= 1e-5
+    assert [e.path for e in namespace["report"].expanded] == ["0", "3", "6"]
+    assert namespace["report"].reason("10")

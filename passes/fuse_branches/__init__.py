@@ -133,9 +133,12 @@ def fuse_parallel_branches(ctx, add):
     branches = [classify(graph, t) for t in expansion.terms]
     groups = _groups(branches)
     mergeable = [g for g in groups if len(g) > 1 and any(b.kind in WEIGHTED for b in g)]
-    if not mergeable and expansion.shifts:
-        # A lone branch plus constant shifts (MobileOne's `0 + conv(x)`): the shifts become its bias.
-        mergeable = [g for g in groups if len(g) == 1 and g[0].kind in WEIGHTED][:1]
+    if not mergeable:
+        # Lone convs: one scaled by a factor (a BN after a sum of branches merged earlier) gets the factor
+        # folded in, rather than written back as a mul; constant shifts (MobileOne's `0 + conv(x)`) become
+        # the bias of the first lone conv.
+        lone = [g for g in groups if len(g) == 1 and g[0].kind in WEIGHTED]
+        mergeable = [g for g in lone if g[0].term.scale is not None] or (lone[:1] if expansion.shifts else [])
     operands, reasons, merged, shifts, left = [], [], 0, expansion.shifts, []
     for group in groups:
         fused = _merge_group(group, layout, shifts, ctx.options.get("allow_costlier", False)) \
@@ -186,10 +189,44 @@ def fuse_linear_cascade(ctx, x, second):
         return ctx.fail(first)
     if expansion.shifts:
         first.bias = first.bias + sum(expansion.shifts)
-    fused = compose_forms(first, node_form(second), ctx.options.get("allow_costlier", False))
+    allow = ctx.options.get("allow_costlier", False)
+    fused = compose_forms(first, node_form(second), allow)
+    if isinstance(fused, str) and not allow:
+        wide = compose_forms(first, node_form(second), True)
+        if isinstance(wide, KernelForm) and _sum_absorbs(graph, second, branch.input, wide):
+            fused = wide
     if isinstance(fused, str):
         return ctx.fail(fused)
     return _emit(ctx, branch.input, fused, layout, second, second.output)
+
+
+_SCALING = ("batch_norm", "mul", "identity", "dropout")
+
+
+def _sum_absorbs(graph: Graph, second: Node, x: Value, fused: KernelForm) -> bool:
+    """Whether a composed kernel that costs more than its cascade is free after all: the cascade is a branch
+    of a sum that also holds a conv of the same input `x`, at the same stride, costing at least as much
+    (DBB's 1x1 -> average branch beside its KxK). The parallel merge then absorbs it into that conv."""
+    value = second.output
+    while len(value.uses) == 1 and not graph.is_output(value):
+        reader = value.uses[0][0]
+        if reader.kind == "add" and any(_costly_conv_of(graph, o, x, fused) for o in reader.inputs if o is not value):
+            return True
+        if reader.kind not in _SCALING + ("add",):
+            return False
+        value = reader.output
+    return False
+
+
+def _costly_conv_of(graph: Graph, value: Value, x: Value, fused: KernelForm, depth: int = 16) -> bool:
+    """Whether the sum operand `value` holds (through scalings and nested adds) such a conv."""
+    node = value.producer
+    if node is None or depth == 0 or graph.external_uses(value) != 1:
+        return False
+    if node.kind in _SCALING + ("add",):
+        return any(_costly_conv_of(graph, i, x, fused, depth - 1) for i in node.inputs)
+    return node.kind == "conv" and unaliased(node.inputs[0]) is x and \
+        tuple(node.attrs["stride"]) == fused.stride and node.params["weight"].numel() >= fused.macs
 
 
 def _channel_axis(concat: Node, layout: Layout) -> bool:
