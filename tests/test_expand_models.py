@@ -12,6 +12,7 @@ from timm.utils.model import reparameterize_model
 import rewrite
 from rewrite.expansion import architecture, contract
 from rewrite.testing import randomize_bn
+from fn_module import FnModule
 
 SCHEMES = {"repvgg": {}, "acb": {}, "dbb": {}, "mobileone": {"k": 2}, "expand": {"ratio": 2}}
 
@@ -54,17 +55,6 @@ def test_repvgg_deploy_form_gets_identity_branches_where_timm_has_them():
     assert ours == with_identity and len(ours) == 17
 
 
-class Lambda(nn.Module):
-    def __init__(self, fn, **modules):
-        super().__init__()
-        self.fn = fn
-        for k, v in modules.items():
-            self.add_module(k, v)
-
-    def forward(self, x):
-        return self.fn(self, x)
-
-
 def _conv():
     return nn.Conv2d(4, 4, 3, padding=1)
 
@@ -92,7 +82,7 @@ REFUSALS = [
 @pytest.mark.parametrize("case", REFUSALS, ids=[c[0] for c in REFUSALS])
 def test_refusals_are_reported_and_the_layer_kept(case):
     _, fn, modules, path, reason = case
-    model = randomize_bn(Lambda(fn, **modules)).eval()
+    model = randomize_bn(FnModule(fn, **modules)).eval()
     x = torch.randn(2, 4, 8, 8)
     for scheme in ("repvgg", "dbb", "mobileone"):
         expanded, report = rewrite.expand(model, scheme, example_inputs=x, return_report=True)

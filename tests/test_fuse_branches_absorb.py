@@ -6,17 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rewrite.testing import check_pass, randomize_bn
-
-
-class Net(nn.Module):
-    def __init__(self, fn, **modules):
-        super().__init__()
-        self.fn = fn
-        for k, v in modules.items():
-            self.add_module(k, v)
-
-    def forward(self, x):
-        return self.fn(self, x)
+from fn_module import FnModule
 
 
 def _average(channels, k, stride):
@@ -31,7 +21,7 @@ def test_one_by_one_then_average_beside_a_kxk_fuses_into_it(k, stride, groups, s
     """DBB's 1x1 (padded, BN) -> average branch costs more composed than alone, but the sum's KxK absorbs it."""
     torch.manual_seed(seed)
     c, o, p = 2 * groups, 2 * groups, k // 2
-    model = randomize_bn(Net(lambda m, x: m.bn(m.main(x)) + m.avgbn(m.avg(m.bn1(m.pre(x)))),
+    model = randomize_bn(FnModule(lambda m, x: m.bn(m.main(x)) + m.avgbn(m.avg(m.bn1(m.pre(x)))),
                              main=nn.Conv2d(c, o, k, stride, p, groups=groups, bias=False), bn=nn.BatchNorm2d(o),
                              pre=nn.Conv2d(c, o, 1, padding=p, groups=groups, bias=False), bn1=nn.BatchNorm2d(o),
                              avg=_average(o, k, stride), avgbn=nn.BatchNorm2d(o)), seed).eval()
@@ -41,7 +31,7 @@ def test_one_by_one_then_average_beside_a_kxk_fuses_into_it(k, stride, groups, s
 
 
 def test_the_same_cascade_alone_stays_refused_as_costlier():
-    model = Net(lambda m, x: m.avg(m.pre(x)) + x, pre=nn.Conv2d(4, 4, 1, padding=1, bias=False),
+    model = FnModule(lambda m, x: m.avg(m.pre(x)) + x, pre=nn.Conv2d(4, 4, 1, padding=1, bias=False),
                 avg=_average(4, 3, 1)).eval()
     result = check_pass("fuse_branches", model, torch.randn(2, 4, 8, 8), expect_rewrite=False)
     reasons = [r.reason for r in result.report["fuse_branches"].result.refused]
@@ -50,7 +40,7 @@ def test_the_same_cascade_alone_stays_refused_as_costlier():
 
 def test_a_lone_conv_scaled_by_a_bn_after_a_sum_gets_the_factor():
     """add(BN(conv_a(x)), conv_b(y)): BN's factor is folded into conv_a, not written back as a mul."""
-    model = randomize_bn(Net(lambda m, x: m.bn(m.a(x)) + m.b(torch.tanh(x)), a=nn.Conv2d(4, 4, 3, padding=1),
+    model = randomize_bn(FnModule(lambda m, x: m.bn(m.a(x)) + m.b(torch.tanh(x)), a=nn.Conv2d(4, 4, 3, padding=1),
                              bn=nn.BatchNorm2d(4), b=nn.Conv2d(4, 4, 1))).eval()
     result = check_pass("fuse_branches", model, torch.randn(2, 4, 8, 8))
     assert "mul" not in result.report.nodes_after and result.report.nodes_after.get("conv") == 2
