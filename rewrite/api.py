@@ -101,6 +101,7 @@ def _apply(model, passes, example_inputs, verify, return_report, inplace, option
             bar.set_description(p.name)
             start = time.perf_counter()
             result = p.run(graph, dict(options.get(p.name, {}), example_inputs=example_inputs))
+            graph.eliminate_dead_code()  # what a pass left unread (a custom Pass need not erase it)
             entry = PassReport(result, seconds=time.perf_counter() - start)
             report.passes.append(entry)
             bar.update()

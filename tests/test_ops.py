@@ -442,3 +442,36 @@ def test_fold_bn_sees_conv_bn_pairs_around_every_activation(kind, slope, approxi
     checked = check_pass("fold_bn", m, x, dtype=dtype if dtype == torch.float64 else None)
     assert checked.report["fold_bn"].result.counts["fold_bn_into_conv"] == 2
     assert checked.report.nodes_after.get(kind) == 1
+
+
+class SkipFirstRelu(Pass):
+    """Rewires the readers of the first relu to its input (a wrong edit on purpose: verify must see it)."""
+
+    name = "skip_first_relu"
+
+    def run(self, graph, options=None):
+        result = PassResult(self.name)
+        relu = next(n for n in graph.nodes if n.kind == "relu")
+        graph.replace_all_uses(relu.output, relu.inputs[0])
+        result.record("rewire", [relu.name])
+        return result
+
+
+def test_rewiring_gives_the_same_model_on_both_writers_and_verify_sees_it():
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    expected = m[2](m[0](x))
+    fx_out = rewrite.apply(m, [SkipFirstRelu()], example_inputs=x)
+    torch.testing.assert_close(fx_out(x), expected, rtol=0, atol=0)
+    assert dict(fx_out.named_modules()).keys() >= {"0", "2"}
+    model = onnx_of(m, x)
+    onnx_out = rewrite.apply(model, [SkipFirstRelu()])
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(onnx_out.SerializeToString())
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    np.testing.assert_allclose(got, expected.detach().numpy(), rtol=1e-6, atol=1e-6)
+    assert "Relu" not in [n.op_type for n in onnx_out.graph.node]
+    for model_in, kwargs in ((m, {"example_inputs": x}), (model, {})):
+        with pytest.raises(rewrite.EquivalenceError, match="skip_first_relu"):
+            rewrite.apply(model_in, [SkipFirstRelu()], verify=True, **kwargs)
