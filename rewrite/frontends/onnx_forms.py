@@ -17,8 +17,15 @@ from ..params import pad_border
 
 
 def onnx_index() -> dict[str, OpDef]:
-    """ONNX op type -> the op defined with it, for every op defined right now (user ops included)."""
-    return {op.onnx: op for op in defined_ops().values() if op.onnx}
+    """ONNX op type -> the op defined with it, for every op defined right now (user ops included).
+
+    The first definition of an op type wins, as for fx forms: a user op that names a standard type
+    (a `hard_swish` written as HardSwish) does not change how models that already hold it import."""
+    index: dict[str, OpDef] = {}
+    for op in defined_ops().values():
+        if op.onnx:
+            index.setdefault(op.onnx, op)
+    return index
 
 
 # -- import ------------------------------------------------------------------------------------
