@@ -9,9 +9,8 @@ from __future__ import annotations
 import torch
 
 from rewrite.ir import Value
-from rewrite.params import (bias_f64, bn_affine, bn_refusal, channel_values, f64, in_channels, input_shift_to_bias,
-                            zero_padded,
-                            out_channels, scale_input_channels, scaled_weight, weight_bias)
+from rewrite.params import (bias_f64, bn_affine, bn_refusal, channel_values, in_channels, input_shift_to_bias,
+                            out_channels, scale_input_channels, scaled_weight, weight_bias, zero_padded)
 from rewrite.pass_manager import RulePass, register_pass
 from rewrite.rule import rule
 from rewrite.sites import account_for, neighbours

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rewrite.ir import Graph, Node, Value
-from rewrite.params import bn_affine, bn_refusal, channel_values, f64
+from rewrite.params import bn_affine, bn_refusal, channel_values
 
 WEIGHTED = ("conv", "linear")
 BRANCH_KINDS = WEIGHTED + ("avg_pool",)

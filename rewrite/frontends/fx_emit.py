@@ -21,7 +21,7 @@ from ..ir import Graph, Node, Value, fresh_name
 from ..params import pad_border
 from . import chain
 from .fx_forms import emit_call, function_form
-from .fx_import import Attr, FxOrigin, In, _fetch_attr
+from .fx_import import Attr, FxOrigin, In
 from .fx_graph import WeaklyOwnedGraph
 
 _CONV_CLASSES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}

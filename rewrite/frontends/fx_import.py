@@ -16,8 +16,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import RewriteError
-from ..ir import Graph, Node, Value, clamp_bound
+from ..ir import Graph, Node, OpDefinitionError, Value, clamp_bound
 from .fx_forms import FxForms, bind_call, function_form, module_parts
 
 
@@ -301,7 +300,7 @@ class FxImporter:
             kind, attrs, params = found
             try:
                 return self._make(kind, fx_node, [fx_node.args[0]], attrs, params)
-            except RewriteError:
+            except OpDefinitionError:
                 return None  # module settings the definition does not accept (Softmax(dim=None), ...)
         shaped = self._recognize_shaped(fx_node)
         if shaped is not None:
@@ -338,7 +337,7 @@ class FxImporter:
         operands, attrs, params = bound
         try:
             return self._make(op.kind, fx_node, operands, attrs, params)
-        except RewriteError:
+        except OpDefinitionError:
             return None  # arguments of a form the definition does not accept (a None dim, ...): keep the call
 
     def _recognize_call(self, kind: str, fx_node: fx.Node, a: dict) -> Value | None:

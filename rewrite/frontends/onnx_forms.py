@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import RewriteError
-from ..ir import Node, OpDef, defined_ops
+from ..ir import Node, OpDef, OpDefinitionError, defined_ops
 from ..params import pad_border
 
 
@@ -48,7 +48,7 @@ def generic_handler(op: OpDef):
         inputs = [_data(imp, t) for t in gs_node.inputs]
         try:
             return imp.make(op.kind, gs_node, proto, inputs, [In(i) for i in range(len(inputs))], attrs)
-        except RewriteError:
+        except OpDefinitionError:  # ONNX attribute values the IR kind does not accept
             return None
     return handler
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import onnx
 
-from ..errors import ModelLoadError, RewriteError
+from ..errors import ModelLoadError
 from ..files import atomic_write, first_line
 from .onnx_checks import check_text
 
