@@ -44,7 +44,7 @@ class AttrSpec:
 
 # -- attribute types: each converts a user's value to the IR's one form, or raises ------------
 def _int(v):
-    if isinstance(v, bool) or not isinstance(v, int) and not (hasattr(v, "__index__") and not isinstance(v, float)):
+    if isinstance(v, bool) or not hasattr(v, "__index__"):  # ints and numpy ints; not floats or bools
         raise TypeError(f"expected an int, got {v!r}")
     return int(v)
 
