@@ -27,6 +27,7 @@ from .branch_forms import KernelForm, branch_form, compose_forms, node_form, sta
 from .branch_terms import (WEIGHTED, Branch, Layout, Term, classify, expand, find_layout, layout_of, obstacle,
                            unaliased)
 from ..fold_bn import fold_bn_into_conv, fold_bn_into_linear
+from .hidden_cascades import average_after_conv_as_conv, pad_into_pointwise_conv, pad_into_pointwise_conv_bn
 
 
 def _rank(value: Value) -> int | None:
@@ -319,9 +320,13 @@ class FuseBranchesPass(Pass):
         self.branch_rules = RulePass(self.name, [fuse_parallel_branches, fuse_concatenated_branches,
                                                  fuse_linear_cascade])
         self.bn_rules = RulePass(self.name, [fold_bn_into_conv, fold_bn_into_linear])
+        # first, so the cascades a padded border hid (DBB's BN-and-pad) are there for the branch rules
+        self.border_rules = RulePass(self.name, [pad_into_pointwise_conv_bn, pad_into_pointwise_conv,
+                                                 average_after_conv_as_conv])
 
     def run(self, graph: Graph, options: dict | None = None) -> PassResult:
         result = PassResult(self.name)
+        _merge(result, self.border_rules.run(graph, options))
         _merge(result, self.branch_rules.run(graph, options))
         folded = self.bn_rules.run(graph, options)
         _merge(result, folded)

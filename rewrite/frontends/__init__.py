@@ -46,12 +46,12 @@ class Frontend:
 
 class TorchFrontend(Frontend):
     name = "torch"
-    options = ("concrete_args", "leaf_modules")
+    options = ("concrete_args", "leaf_modules", "capture")
 
-    def load(self, model, example_inputs=None, concrete_args=None, leaf_modules=(), **_):
+    def load(self, model, example_inputs=None, concrete_args=None, leaf_modules=(), capture="auto", **_):
         from .fx import import_module
 
-        return import_module(model, example_inputs, concrete_args, leaf_modules)
+        return import_module(model, example_inputs, concrete_args, leaf_modules, capture)
 
     def export(self, graph, copy_originals=True):
         from .fx import export_module

@@ -10,9 +10,11 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from ..errors import RewriteError
 from ..ir import Graph
+from .capture import capture_module
 from .fx_emit import emit_graph_module
 from .fx_import import FxImporter
-from .fx_trace import trace
+from .param_folding import fold_parameter_expressions
+from .scatter_forms import rewrite_scatters
 
 
 @contextmanager
@@ -59,12 +61,22 @@ def as_tuple(example_inputs) -> tuple:
 
 
 def import_module(module: torch.nn.Module, example_inputs=None, concrete_args: dict[str, Any] | None = None,
-                  leaf_modules: Iterable[type | str] = ()) -> Graph:
-    """Trace `module` and build its IR; shapes and dtypes are filled in when example inputs are given."""
+                  leaf_modules: Iterable[type | str] = (), capture: str = "auto") -> Graph:
+    """Capture `module` (capture.py says how) and build its IR; shapes and dtypes are filled in when
+    example inputs are given. Parameter expressions are folded to constants on either path."""
     if not isinstance(module, torch.nn.Module):
         raise RewriteError(f"expected an nn.Module, got {type(module).__name__}")
-    fx_graph = trace(module, concrete_args, leaf_modules)
     inputs = as_tuple(example_inputs)
+    captured = capture_module(module, inputs, capture, concrete_args, leaf_modules)
+    graph = import_captured(captured.root, captured.graph, inputs, model_name=type(module).__name__)
+    graph.meta["capture"] = captured.how
+    graph.meta["capture_note"] = captured.note
+    return graph
+
+
+def import_captured(root: torch.nn.Module, fx_graph: fx.Graph, inputs: tuple, model_name: str) -> Graph:
+    """The IR of a captured graph: shapes recorded on the example inputs, parameter expressions folded."""
+    module = root
     if inputs:
         gm = fx.GraphModule(module, fx_graph)
         recorder = _ShapeRecorder(gm)
@@ -75,8 +87,11 @@ def import_module(module: torch.nn.Module, example_inputs=None, concrete_args: d
             if recorder.failure is not None:
                 raise recorder.failure from None
             raise RewriteError(f"the model does not run on the example inputs: {type(exc).__name__}: {exc}",
-                               where=f"model {type(module).__name__}") from None
-    return FxImporter(module, fx_graph).run()
+                               where=f"model {model_name}") from None
+    with preserved_buffers(module):
+        folded = fold_parameter_expressions(module, fx_graph)
+    rewrite_scatters(fx_graph, folded)
+    return FxImporter(module, fx_graph, folded).run()
 
 
 def export_module(graph: Graph, copy_originals: bool = True) -> fx.GraphModule:

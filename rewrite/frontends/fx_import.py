@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 from ..ir import Graph, Node, OpDefinitionError, Value, clamp_bound
 from .fx_forms import FxForms, bind_call, function_form, module_parts
+from .param_folding import pure_call
+from .scatter_forms import pad_per_channel
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,12 @@ def _sig_flatten(input, start_dim=0, end_dim=-1): ...
 def _sig_dropout(input, p=0.5, training=True, inplace=False): ...
 def _sig_adaptive(input, output_size): ...
 def _sig_pad(input, pad, mode="constant", value=None): ...
+def _sig_avg_pool(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+                  divisor_override=None): ...
+def _sig_max_pool(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False): ...
+
+
+_POOL_DIMS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3, F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3}
 
 
 _FUNCTIONS: dict[Any, tuple[str, Callable]] = {
@@ -192,6 +200,10 @@ _FUNCTIONS: dict[Any, tuple[str, Callable]] = {
     torch.flatten: ("flatten", _sig_flatten),
     F.dropout: ("dropout", _sig_dropout),
     F.adaptive_avg_pool2d: ("adaptive_avg_pool", _sig_adaptive),
+    F.avg_pool1d: ("avg_pool", _sig_avg_pool), F.avg_pool2d: ("avg_pool", _sig_avg_pool),
+    F.avg_pool3d: ("avg_pool", _sig_avg_pool),
+    F.max_pool1d: ("max_pool", _sig_max_pool), F.max_pool2d: ("max_pool", _sig_max_pool),
+    F.max_pool3d: ("max_pool", _sig_max_pool),
 }
 _METHODS: dict[str, tuple[str, Callable]] = {
     "add": ("add", _sig_binary), "mul": ("mul", _sig_binary), "relu": ("relu", _sig_unary),
@@ -202,9 +214,10 @@ _METHODS: dict[str, tuple[str, Callable]] = {
 class FxImporter:
     """Builds the IR for one traced fx graph of `root`."""
 
-    def __init__(self, root: nn.Module, fx_graph: fx.Graph):
+    def __init__(self, root: nn.Module, fx_graph: fx.Graph, folded: dict[fx.Node, torch.Tensor] | None = None):
         self.root = root
         self.fx_graph = fx_graph
+        self.folded = folded or {}  # parameter expressions computed at import (param_folding.py)
         self.graph = Graph()
         self.values: dict[fx.Node, Value] = {}
         self.placeholders: list[tuple[str, Any]] = []
@@ -248,6 +261,8 @@ class FxImporter:
         piece = self._split_piece(fx_node)
         if piece is not None:
             return piece
+        if fx_node in self.folded:  # a parameter expression: a new constant, written anew
+            return self._finish(Node("constant", fx_node.name, params={"value": self.folded[fx_node]}), fx_node)
         if fx_node.op == "get_attr":
             tensor = _fetch_attr(self.root, fx_node.target)
             if isinstance(tensor, torch.Tensor):
@@ -379,6 +394,19 @@ class FxImporter:
             elif kind == "adaptive_avg_pool":
                 attrs = {"output_size": _tuple(a["output_size"], 2)}
             return self._make(kind, fx_node, [x], attrs, params)
+        if kind in ("avg_pool", "max_pool"):
+            if not isinstance(x, fx.Node) or any(isinstance(v, fx.Node) for k, v in a.items() if k != "input") \
+                    or a.get("return_indices"):
+                return None
+            dims = _POOL_DIMS[fx_node.target]
+            if kind == "avg_pool":
+                attrs = pool_attrs(a["kernel_size"], a["stride"], a["padding"], dims, ceil_mode=bool(a["ceil_mode"]),
+                                   count_include_pad=bool(a["count_include_pad"]),
+                                   divisor_override=a["divisor_override"])
+            else:
+                attrs = pool_attrs(a["kernel_size"], a["stride"], a["padding"], dims, ceil_mode=bool(a["ceil_mode"]),
+                                   dilation=_tuple(a["dilation"], dims))
+            return self._make(kind, fx_node, [x], attrs, {})
         if kind in ("add", "mul"):
             if a.get("alpha", 1) != 1:
                 return None
@@ -405,6 +433,10 @@ class FxImporter:
             return self._recognize_slice(fx_node)
         if op == "call_function" and target is F.pad:
             return self._recognize_pad(fx_node)
+        if op == "call_function" and target is pad_per_channel:
+            x, pad, fill = fx_node.args
+            value = self._attr_tensor(fill)
+            return None if value is None else self._pad_node(fx_node, x, pad, "constant", value)
         return None
 
     def _recognize_slice(self, fx_node: fx.Node) -> Value | None:
@@ -447,7 +479,10 @@ class FxImporter:
         pairs = [(0, 0)] * spatial
         for i in range(len(pad) // 2):
             pairs[spatial - 1 - i] = (pad[2 * i], pad[2 * i + 1])
-        fill = None if mode != "constant" or not value else torch.tensor(float(value), dtype=torch.float64)
+        if isinstance(value, torch.Tensor):  # per-channel values (a border written in forward)
+            fill = value
+        else:
+            fill = None if mode != "constant" or not value else torch.tensor(float(value), dtype=torch.float64)
         return self._make("pad", fx_node, [x], {"padding": tuple(pairs), "mode": mode}, {"value": fill})
 
     def _recognize_split(self, fx_node: fx.Node) -> Value | None:
@@ -510,8 +545,11 @@ class FxImporter:
                              params={"value": torch.tensor(float(operand), dtype=torch.float64)})
                 self.graph.append(const)
                 node.add_input(const.output)
-        args, kwargs = self._template_without_inputs(node, fx_node)
-        node.origin = FxOrigin(fx_node.op, fx_node.target, args, kwargs, fx_node.name)
+        if not any(arg in self.folded and all(v is not self.values[arg] for v in node.inputs)
+                   for arg in fx_node.all_input_nodes):
+            args, kwargs = self._template_without_inputs(node, fx_node)
+            node.origin = FxOrigin(fx_node.op, fx_node.target, args, kwargs, fx_node.name)
+        # else: a parameter computed in forward, folded: the call is written anew with the constant
         return self._finish(node, fx_node)
 
     def _template_without_inputs(self, node: Node, fx_node: fx.Node):
@@ -528,6 +566,8 @@ class FxImporter:
         return fx.node.map_aggregate(fx_node.args, to_template), fx.node.map_aggregate(fx_node.kwargs, to_template)
 
     def _attr_tensor(self, arg) -> torch.Tensor | None:
+        if isinstance(arg, fx.Node) and arg in self.folded:
+            return self.folded[arg]
         if isinstance(arg, fx.Node) and arg.op == "get_attr":
             value = _fetch_attr(self.root, arg.target)
             return value if isinstance(value, torch.Tensor) else None
@@ -548,6 +588,8 @@ _PURE_METHODS = {"size", "dim", "view", "reshape", "permute", "transpose", "cont
 
 def _is_pure_call(fx_node: fx.Node) -> bool:
     """Calls known to have no side effects, so an unused one may be dropped."""
+    if pure_call(fx_node) or fx_node.target is pad_per_channel:
+        return True
     if fx_node.op == "call_function":
         return _hashable(fx_node.target) and fx_node.target in _PURE_FUNCTIONS
     if fx_node.op == "call_method":

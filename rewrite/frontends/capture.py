@@ -1,0 +1,79 @@
+"""Which capture path builds a torch model's graph: symbolic_trace, torch.export, or the first that works.
+
+`capture="auto"` (the default) traces with torch.fx (milliseconds) and only when that fails, and
+example inputs were given, exports with torch.export (seconds), saying so in the report.
+`capture="fx"` never falls back; `capture="export"` always exports. When every path tried fails,
+one TraceError gives each path's place and cause.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+
+from ..errors import RewriteError, TraceError
+from .export_capture import export_program, program_graph
+from .fx_trace import trace
+
+CAPTURES = ("auto", "fx", "export")
+
+
+@dataclass
+class Captured:
+    root: torch.nn.Module  # resolves the graph's get_attr and call_module targets
+    graph: fx.Graph
+    how: str  # "fx" or "export"
+    note: str = ""  # for the report: why this path was taken
+
+
+def check_capture(capture: Any) -> str:
+    if capture not in CAPTURES:
+        import difflib
+
+        near = difflib.get_close_matches(str(capture), CAPTURES, n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise RewriteError(f"capture={capture!r} is not a capture path{hint} (one of {', '.join(CAPTURES)})")
+    return capture
+
+
+def capture_module(module: torch.nn.Module, example_inputs: tuple, capture: str = "auto",
+                   concrete_args: dict | None = None, leaf_modules: Iterable = ()) -> Captured:
+    check_capture(capture)
+    if capture == "export":
+        if not example_inputs:
+            raise RewriteError("capture='export' needs example_inputs (torch.export runs the model on them)")
+        return _exported(module, example_inputs, "capture='export'")
+    try:
+        return Captured(module, trace(module, concrete_args, leaf_modules), "fx")
+    except TraceError as fx_error:
+        if capture == "fx":
+            raise
+        if not example_inputs:
+            raise TraceError(f"{_body(fx_error)}\n  or pass example_inputs, so that torch.export can capture it "
+                             "(capture='auto' falls back to it)", where=fx_error.where) from None
+        try:
+            return _exported(module, example_inputs, f"symbolic_trace failed ({fx_error.where}: "
+                                                    f"{_body(fx_error).splitlines()[0]}); captured with torch.export")
+        except TraceError as export_error:
+            raise TraceError("neither capture path can take this model\n"
+                             f"  symbolic_trace: {_indented(fx_error)}\n"
+                             f"  torch.export: {_indented(export_error)}", where=fx_error.where) from None
+
+
+def _exported(module: torch.nn.Module, example_inputs: tuple, note: str) -> Captured:
+    program = export_program(module, example_inputs)
+    root, graph = program_graph(program)
+    return Captured(root, graph, "export", note)
+
+
+def _body(error: RewriteError) -> str:
+    """The message without its `where: ` prefix."""
+    text = str(error)
+    prefix = f"{error.where}: " if error.where else ""
+    return text[len(prefix):] if text.startswith(prefix) else text
+
+
+def _indented(error: RewriteError) -> str:
+    return f"{error.where}: {_body(error)}".replace("\n", "\n    ")

@@ -1,0 +1,110 @@
+"""Capture with torch.export: an nn.Module or an ExportedProgram -> (root module, fx graph of torch calls).
+
+torch.export runs the real forward on fake tensors, so shape-dependent Python (`if H == ...`,
+`math.ceil(x / stride)`), slice assignment and modules built inside forward all capture; the price
+is time (seconds where symbolic_trace takes milliseconds). The program is functionalized (inference
+IR: slice assignment becomes slice_scatter), unlifted (parameters become get_attr nodes named by
+their original paths) and its aten ops are renamed to torch calls (aten_forms.py), so the fx
+importer takes it from there.
+"""
+from __future__ import annotations
+
+import os
+import traceback
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from ..errors import TraceError
+from .aten_forms import normalize
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def export_program(module: torch.nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
+    """torch.export.export, or a TraceError naming the user's line and what to try."""
+    try:
+        return torch.export.export(module, example_inputs, strict=False)
+    except Exception as exc:
+        raise export_error(module, exc) from None
+
+
+def user_line(exc: BaseException) -> str:
+    """The innermost frame of the traceback outside torch and this package: where the user's code failed."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith(_TORCH_DIR) and not f.filename.startswith(_PACKAGE_DIR)]
+    return f"{frames[-1].filename}:{frames[-1].lineno}: {frames[-1].line}" if frames else "unknown line"
+
+
+def export_error(module: torch.nn.Module, exc: Exception) -> TraceError:
+    cause = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    message = (f"torch.export cannot capture {type(module).__name__} at {user_line(exc)}\n"
+               f"  cause: {type(exc).__name__}: {cause}\n"
+               "  try: make the failing line independent of tensor values (torch.export allows shape-dependent "
+               "Python, not value-dependent), or rewrite a smaller submodule")
+    return TraceError(message, where=f"model {type(module).__name__}")
+
+
+def program_graph(program: torch.export.ExportedProgram) -> tuple[torch.nn.Module, fx.Graph]:
+    """(root holding the parameters under their original names, fx graph of torch calls) of `program`."""
+    inference = program.run_decompositions({})  # functional aten: slice assignment as slice_scatter
+    unlifted = inference.module()
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in unlifted.graph.nodes:
+        if node.op == "call_module" and node.target == "_guards_fn":
+            continue  # export's check of its own shape guards; the rewritten graph is specialized the same way
+        if node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default:
+            continue
+        if node.op == "output":
+            flat = fx.node.map_arg(node.args[0], lambda n: env[n])
+            graph.output(_unflattened(flat, program.call_spec.out_spec))
+            continue
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    normalize(graph)
+    graph.eliminate_dead_code()
+    return unlifted, graph
+
+
+def _unflattened(flat, spec):
+    """The model's own output structure (a tensor, a tuple, a dict) instead of export's flat tuple."""
+    if spec is None:
+        return flat
+    structure = pytree.tree_unflatten(list(flat), spec)
+    plain = (tuple, list, dict, fx.Node)
+
+    def check(obj):
+        if not isinstance(obj, plain):
+            raise TraceError(f"the model returns a {type(obj).__name__}; only tensors, tuples, lists and dicts "
+                             "of them can be written back from an exported graph")
+        if isinstance(obj, (tuple, list)):
+            for o in obj:
+                check(o)
+        elif isinstance(obj, dict):
+            for o in obj.values():
+                check(o)
+
+    check(structure)
+    return structure
+
+
+def example_inputs_of(program: torch.export.ExportedProgram) -> tuple:
+    """Random inputs of the shapes and dtypes the program was exported with."""
+    specs = [s for s in program.graph_signature.input_specs if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
+    by_name = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    inputs = []
+    generator = torch.Generator().manual_seed(0)
+    for spec in specs:
+        val = by_name[spec.arg.name].meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            raise TraceError(f"input {spec.arg.name} of the exported program is not a tensor; pass example_inputs")
+        shape = [int(d) for d in val.shape]
+        if val.dtype.is_floating_point:
+            inputs.append(torch.randn(shape, generator=generator, dtype=val.dtype))
+        elif val.dtype == torch.bool:
+            inputs.append(torch.randint(0, 2, shape, generator=generator).bool())
+        else:
+            inputs.append(torch.randint(0, 10, shape, generator=generator, dtype=val.dtype))
+    return tuple(inputs)

@@ -1,0 +1,123 @@
+"""Parameter expressions folded at import: what forward computes from parameters, buffers and constants only.
+
+A weight built in forward (`self.weight + self.id_tensor`, `weight * mask`), a scale
+`sigmoid(alpha)[i]`, BN statistics arithmetic: none depends on the input, so each is a constant
+the rules can read. The expression is evaluated once on float64 copies of its leaves and rounded
+once to the dtype the model computes it in (so a float32 model gets the correctly rounded value,
+and the folds that read it start from it). Only pure calls are evaluated (aten overloads without
+mutation or randomness; a list of torch functions and methods for fx graphs), and a result larger
+than the tensors it reads (a broadcast to the batch) is left to be computed where it was.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+_PURE_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow, operator.getitem,
+    getattr, torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.sigmoid, torch.sqrt, torch.rsqrt,
+    torch.exp, torch.log, torch.tanh, torch.abs, torch.square, torch.pow, torch.cat, torch.stack, torch.reshape,
+    torch.flatten, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze, torch.clamp, torch.softmax,
+    torch.zeros_like, torch.ones_like, torch.sum, torch.mean, torch.diag, torch.matmul, torch.t, F.pad,
+    F.normalize, F.softmax, torch.sign, torch.reciprocal, torch.where,
+}
+_PURE_METHODS = {
+    "view", "reshape", "sigmoid", "sqrt", "rsqrt", "exp", "log", "tanh", "abs", "detach", "expand", "expand_as",
+    "unsqueeze", "squeeze", "permute", "transpose", "t", "flatten", "contiguous", "add", "mul", "sub", "div",
+    "clone", "pow", "mean", "sum", "neg", "float", "double", "half", "to", "type_as", "repeat", "__getitem__",
+    "softmax", "square", "clamp", "reciprocal", "sign",
+}
+
+
+def pure_call(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _PURE_METHODS
+    if node.op != "call_function":
+        return False
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return not target._schema.is_mutable and torch.Tag.nondeterministic_seeded not in target.tags
+    try:
+        return target in _PURE_FUNCTIONS
+    except TypeError:
+        return False
+
+
+def _fetch(root: torch.nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _numel(value) -> int:
+    return value.numel() if isinstance(value, torch.Tensor) else 0
+
+
+def _call(node: fx.Node, args, kwargs):
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return node.target(*args, **kwargs)
+
+
+def _as_float64(value):
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.detach().to(torch.float64)
+    return value
+
+
+def fold_parameter_expressions(root: torch.nn.Module, graph: fx.Graph) -> dict[fx.Node, torch.Tensor]:
+    """The computed tensors of `graph` that depend on no input, each as its value (the leaves read
+    directly, get_attr nodes, are left out: they are parameters already). Only values some node not
+    folded reads are returned; the rest are intermediate steps of those."""
+    native: dict[fx.Node, object] = {}
+    wide: dict[fx.Node, object] = {}  # the same values computed from float64 leaves
+    budget: dict[fx.Node, int] = {}  # how many elements the leaves of a value hold
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            try:
+                value = _fetch(root, node.target)
+            except AttributeError:
+                continue
+            native[node], wide[node], budget[node] = value, _as_float64(value), _numel(value)
+            continue
+        if not pure_call(node):
+            continue
+        inputs = node.all_input_nodes
+        if not all(n in native for n in inputs):
+            continue
+        env_native = lambda n: native[n]  # noqa: E731
+        try:
+            with torch.no_grad():
+                value = _call(node, fx.node.map_arg(node.args, env_native), fx.node.map_arg(node.kwargs, env_native))
+        except Exception:
+            continue  # what the model would fail on, it fails on when it runs
+        cap = sum(budget[n] for n in inputs)
+        if isinstance(value, torch.Tensor) and value.numel() > max(cap, 1):
+            continue  # a broadcast to activation size: cheaper computed where it is
+        try:
+            with torch.no_grad():
+                precise = _call(node, fx.node.map_arg(node.args, lambda n: wide[n]),
+                                fx.node.map_arg(node.kwargs, lambda n: wide[n]))
+        except Exception:
+            precise = value
+        native[node], wide[node], budget[node] = value, precise, cap
+    folded = {}
+    for node, value in native.items():
+        if node.op == "get_attr" or not isinstance(value, torch.Tensor):
+            continue
+        if any(user not in native for user in node.users):
+            folded[node] = _rounded(wide[node], value)
+    return folded
+
+
+def _rounded(precise, value: torch.Tensor) -> torch.Tensor:
+    """The float64 result in the model's dtype; the model's own result when the two do not correspond."""
+    if isinstance(precise, torch.Tensor) and precise.shape == value.shape and value.is_floating_point() \
+            and precise.is_floating_point() and bool(torch.isfinite(precise).all() == torch.isfinite(value).all()):
+        return precise.to(value.dtype).detach().clone()
+    return value.detach().clone()
+
