@@ -64,7 +64,7 @@ def apply(model: Any, passes: Sequence[str | Pass] = ("fold_bn",), example_input
           tolerance: float | None = None, progress: bool = False, **frontend_options):
     """Rewrite `model` with `passes` and return a model of the same kind.
 
-    model: an nn.Module, an onnx.ModelProto or a path to a .onnx file.
+    model: an nn.Module, a torch.export ExportedProgram, an onnx.ModelProto or a path to a .onnx file.
     passes: names ("fold_bn") or Pass / Rule objects, run in order.
     example_inputs: inputs for shape inference and verification (ONNX can draw random ones).
     verify: after each pass, compare against the original and raise EquivalenceError past the tolerance.
@@ -72,7 +72,8 @@ def apply(model: Any, passes: Sequence[str | Pass] = ("fold_bn",), example_input
     inplace: allow the result to share modules and tensors with `model` (never changes its math).
     options: per-pass options, e.g. {"remove_channels": {"threshold": 1e-3}}.
     progress: show a progress bar (tqdm, on stderr) over the passes and their verification.
-    frontend_options: concrete_args / leaf_modules for torch tracing.
+    frontend_options: for torch modules, concrete_args / leaf_modules for tracing and capture="auto" (trace,
+        and export with torch.export if tracing fails), "fx" (trace only) or "export" (torch.export only).
     """
     with _gc_paused():
         return _apply(model, passes, example_inputs, verify, return_report, inplace, options, tolerance, progress,
@@ -92,7 +93,8 @@ def _apply(model, passes, example_inputs, verify, return_report, inplace, option
                            f"{_near(unknown[0], _APPLY_KEYWORDS + frontend.options)}; "
                            f"{frontend.name} models also take: {', '.join(frontend.options) or 'nothing else'}")
     graph = frontend.load(model, example_inputs, **frontend_options)
-    report = Report(frontend.name, nodes_before=op_counts(graph), graph_before=snapshot(graph))
+    report = Report(frontend.name, nodes_before=op_counts(graph), graph_before=snapshot(graph),
+                    capture=graph.meta.get("capture_note", ""))
     if verify and example_inputs is None and frontend.name == "torch":
         raise RewriteError("verify=True needs example_inputs for a torch model")
     reference = frontend.reference(model, example_inputs, tolerance=tolerance) if verify else None
@@ -119,7 +121,7 @@ def _apply(model, passes, example_inputs, verify, return_report, inplace, option
 def _check_pass(frontend, graph: Graph, reference, pass_name: str):
     """Write the graph back and judge it; anything that goes wrong is an EquivalenceError naming the pass."""
     try:
-        candidate = frontend.export(graph, copy_originals=False)
+        candidate = frontend.checkable(graph)
         verification = reference.check(candidate)
     except RewriteError as exc:
         raise EquivalenceError(f"the rewritten model cannot be checked: {exc}", where=f"pass {pass_name}") from exc

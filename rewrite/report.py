@@ -53,6 +53,7 @@ class Report:
     nodes_after: dict[str, int] = field(default_factory=dict)
     graph_before: Any = None  # report_html.GraphSnapshot, for to_html()
     graph_after: Any = None
+    capture: str = ""  # how a torch model was captured, when it was not plain symbolic_trace
 
     def to_html(self, title: str = "rewrite report") -> str:
         """One self-contained HTML page (see rewrite.report_html)."""
@@ -73,6 +74,7 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return {
             "frontend": self.frontend,
+            "capture": self.capture,
             "nodes_before": self.nodes_before,
             "nodes_after": self.nodes_after,
             "passes": [
@@ -94,8 +96,9 @@ class Report:
         }
 
     def __str__(self) -> str:
-        lines = [f"{'pass':<18} {'rule':<34} {'count':>5}"]
-        lines.append("-" * len(lines[0]))
+        lines = [f"capture: {self.capture}", ""] if self.capture else []
+        lines.append(f"{'pass':<18} {'rule':<34} {'count':>5}")
+        lines.append("-" * len(lines[-1]))
         for p in self.passes:
             if not p.result.counts:
                 lines.append(f"{p.name:<18} {'(nothing rewritten)':<34} {0:>5}")

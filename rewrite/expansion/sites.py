@@ -110,7 +110,7 @@ def _cascade_neighbour(graph: Graph, node: Node) -> str | None:
 def find_sites(model: nn.Module, example_inputs=None, concrete_args=None,
                leaf_modules: Iterable = ()) -> tuple[list[Site], list[tuple[str, str]]]:
     """The candidate layers in module order, and the conv-like modules that are not candidates, with why."""
-    graph = import_module(model, example_inputs, concrete_args, leaf_modules)
+    graph = import_module(model, example_inputs, concrete_args, leaf_modules, fold=False)  # direct reads kept
     calls: dict[str, list[Node]] = {}
     direct: dict[str, Node] = {}
     for node in graph.nodes:

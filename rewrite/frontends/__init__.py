@@ -32,6 +32,10 @@ class Frontend:
     def export(self, graph: Graph, copy_originals: bool = True) -> Any:
         raise NotImplementedError
 
+    def checkable(self, graph: Graph) -> Any:
+        """The graph written back in a form `reference(...).check` runs (by default, the exported model)."""
+        return self.export(graph, copy_originals=False)
+
     def verify(self, original: Any, rewritten: Any, example_inputs=None, **options):
         return self.reference(original, example_inputs, **options).check(rewritten)
 
@@ -74,6 +78,74 @@ class TorchFrontend(Frontend):
         return float64_copy(model), cast_floats(example_inputs, torch.float64), None
 
 
+class ExportedProgramFrontend(TorchFrontend):
+    """A torch.export ExportedProgram in, an ExportedProgram out (re-exported from the rewritten graph,
+    so its graph signature, state dict and constants are torch.export's own). Without example inputs,
+    random ones of the shapes it was exported with are used."""
+
+    name = "exported_program"
+    options = ()
+
+    def load(self, model, example_inputs=None, **_):
+        from .export_capture import example_inputs_of, program_graph
+        from .fx import as_tuple, import_captured
+
+        inputs = as_tuple(example_inputs) or example_inputs_of(model)
+        root, fx_graph = program_graph(model)
+        graph = import_captured(root, fx_graph, inputs, model_name="ExportedProgram")
+        graph.meta.update(capture="export", capture_note="", export_inputs=inputs)
+        return graph
+
+    def export(self, graph, copy_originals=True):
+        from .export_capture import reexport
+        from .fx import export_module
+
+        return reexport(export_module(graph, copy_originals), graph.meta["export_inputs"])
+
+    def checkable(self, graph):
+        from .fx import export_module
+
+        return export_module(graph, copy_originals=False)  # checked as a module: no re-export per pass
+
+    def verify(self, original, rewritten, example_inputs=None, dtype=None, tolerance=None, **_):
+        from ..verify import verify_torch
+        from .export_capture import as_module, example_inputs_of
+
+        inputs = example_inputs if example_inputs is not None else example_inputs_of(original)
+        return verify_torch(as_module(original), as_module(rewritten), inputs, dtype, tolerance)
+
+    def reference(self, original, example_inputs=None, tolerance=None, **_):
+        from ..verify import TorchReference
+        from .export_capture import as_module, example_inputs_of
+
+        inputs = example_inputs if example_inputs is not None else example_inputs_of(original)
+        return _ModuleReference(TorchReference(as_module(original), inputs, tolerance))
+
+    def float64_copy(self, model, example_inputs=None):
+        from ..verify import cast_floats, float64_copy
+        from .export_capture import as_module, example_inputs_of
+
+        inputs = example_inputs if example_inputs is not None else example_inputs_of(model)
+        return float64_copy(as_module(model)), cast_floats(inputs, torch.float64), \
+            "the float64 copy of an ExportedProgram is checked as its module"
+
+
+class _ModuleReference:
+    """A TorchReference that also judges an ExportedProgram, through its module."""
+
+    def __init__(self, reference):
+        self.reference = reference
+
+    def check(self, candidate):
+        from .export_capture import as_module
+
+        return self.reference.check(as_module(candidate))
+
+
+def is_exported_program(model: Any) -> bool:
+    return type(model).__name__ == "ExportedProgram" and hasattr(model, "graph_signature")
+
+
 def is_onnx_model(model: Any) -> bool:
     """A ModelProto, or a path that is ONNX by its name (any case) or its content."""
     if isinstance(model, (str, os.PathLike)):
@@ -84,11 +156,13 @@ def is_onnx_model(model: Any) -> bool:
 def frontend_for(model: Any) -> Frontend:
     if isinstance(model, torch.nn.Module):
         return TorchFrontend()
+    if is_exported_program(model):
+        return ExportedProgramFrontend()
     if is_onnx_model(model):
         try:
             from .onnx import OnnxFrontend
         except ImportError as exc:  # the ONNX path is a separate module; say so plainly
             raise RewriteError(f"ONNX support is not available: {exc}") from None
         return OnnxFrontend()
-    raise RewriteError(f"cannot rewrite a {type(model).__name__}: expected an nn.Module, an onnx.ModelProto "
-                       "or a path to a .onnx file")
+    raise RewriteError(f"cannot rewrite a {type(model).__name__}: expected an nn.Module, a torch.export "
+                       "ExportedProgram, an onnx.ModelProto or a path to a .onnx file")

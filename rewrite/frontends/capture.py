@@ -44,7 +44,7 @@ def capture_module(module: torch.nn.Module, example_inputs: tuple, capture: str 
     if capture == "export":
         if not example_inputs:
             raise RewriteError("capture='export' needs example_inputs (torch.export runs the model on them)")
-        return _exported(module, example_inputs, "capture='export'")
+        return _exported(module, example_inputs, "torch.export (capture='export')")
     try:
         return Captured(module, trace(module, concrete_args, leaf_modules), "fx")
     except TraceError as fx_error:

@@ -9,6 +9,7 @@ importer takes it from there.
 """
 from __future__ import annotations
 
+import copy
 import os
 import traceback
 
@@ -24,33 +25,54 @@ _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def export_program(module: torch.nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
-    """torch.export.export, or a TraceError naming the user's line and what to try."""
+    """torch.export.export, or a TraceError naming the user's line and what to try.
+
+    A copy is exported: export runs the real forward on fake tensors, and a forward that caches
+    something on its module (timm's attention-bias caches) would otherwise keep fake tensors there."""
     try:
-        return torch.export.export(module, example_inputs, strict=False)
+        return torch.export.export(copy.deepcopy(module), example_inputs, strict=False)
     except Exception as exc:
         raise export_error(module, exc) from None
 
 
-def user_line(exc: BaseException) -> str:
+def user_frame(exc: BaseException):
     """The innermost frame of the traceback outside torch and this package: where the user's code failed."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__)
               if not f.filename.startswith(_TORCH_DIR) and not f.filename.startswith(_PACKAGE_DIR)]
-    return f"{frames[-1].filename}:{frames[-1].lineno}: {frames[-1].line}" if frames else "unknown line"
+    return frames[-1] if frames else None
+
+
+def module_at(module: torch.nn.Module, frame) -> str:
+    """The path of the innermost submodule whose forward holds the frame's line ('<root>' for the model)."""
+    found = "<root>"
+    for path, sub in module.named_modules():
+        code = getattr(type(sub).forward, "__code__", None)
+        if code is None or code.co_filename != frame.filename:
+            continue
+        last = max((line for _, _, line in code.co_lines() if line is not None), default=code.co_firstlineno)
+        if code.co_firstlineno <= frame.lineno <= last:
+            found = path or "<root>"
+    return found
 
 
 def export_error(module: torch.nn.Module, exc: Exception) -> TraceError:
     cause = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    message = (f"torch.export cannot capture {type(module).__name__} at {user_line(exc)}\n"
+    frame = user_frame(exc)
+    path = module_at(module, frame) if frame is not None else "<root>"
+    line = f"{frame.filename}:{frame.lineno}: {frame.line}" if frame is not None else "unknown line"
+    cls = type(module.get_submodule(path) if path != "<root>" else module).__name__
+    message = (f"torch.export cannot capture module '{path}' ({cls}) at {line}\n"
                f"  cause: {type(exc).__name__}: {cause}\n"
                "  try: make the failing line independent of tensor values (torch.export allows shape-dependent "
                "Python, not value-dependent), or rewrite a smaller submodule")
-    return TraceError(message, where=f"model {type(module).__name__}")
+    return TraceError(message, where=f"module '{path}'")
 
 
 def program_graph(program: torch.export.ExportedProgram) -> tuple[torch.nn.Module, fx.Graph]:
     """(root holding the parameters under their original names, fx graph of torch calls) of `program`."""
-    inference = program.run_decompositions({})  # functional aten: slice assignment as slice_scatter
-    unlifted = inference.module()
+    if _mutates(program.graph):  # functional aten: slice assignment as slice_scatter (a second trace: slow)
+        program = program.run_decompositions({})
+    unlifted = program.module()
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in unlifted.graph.nodes:
@@ -66,6 +88,12 @@ def program_graph(program: torch.export.ExportedProgram) -> tuple[torch.nn.Modul
     normalize(graph)
     graph.eliminate_dead_code()
     return unlifted, graph
+
+
+def _mutates(graph: fx.Graph) -> bool:
+    """Whether the graph writes into a tensor (copy_, add_, ...): only then is it functionalized."""
+    return any(node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+               and node.target._schema.is_mutable for node in graph.nodes)
 
 
 def _unflattened(flat, spec):
@@ -108,3 +136,18 @@ def example_inputs_of(program: torch.export.ExportedProgram) -> tuple:
         else:
             inputs.append(torch.randint(0, 10, shape, generator=generator, dtype=val.dtype))
     return tuple(inputs)
+
+
+def as_module(model):
+    """An ExportedProgram's runnable module; anything else as it is."""
+    return model.module() if isinstance(model, torch.export.ExportedProgram) else model
+
+
+def reexport(module: torch.nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
+    """The rewritten graph as an ExportedProgram: torch.export of the GraphModule, on the same inputs."""
+    try:
+        return torch.export.export(module, tuple(example_inputs), strict=False)
+    except Exception as exc:
+        raise TraceError(f"the rewritten graph cannot be exported again: {type(exc).__name__}: "
+                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
+                         where="ExportedProgram") from None

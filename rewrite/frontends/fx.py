@@ -61,20 +61,22 @@ def as_tuple(example_inputs) -> tuple:
 
 
 def import_module(module: torch.nn.Module, example_inputs=None, concrete_args: dict[str, Any] | None = None,
-                  leaf_modules: Iterable[type | str] = (), capture: str = "auto") -> Graph:
+                  leaf_modules: Iterable[type | str] = (), capture: str = "auto", fold: bool = True) -> Graph:
     """Capture `module` (capture.py says how) and build its IR; shapes and dtypes are filled in when
-    example inputs are given. Parameter expressions are folded to constants on either path."""
+    example inputs are given. Parameter expressions are folded to constants on either path, unless
+    `fold=False` (an analysis of the model's own structure: which parameters forward reads directly)."""
     if not isinstance(module, torch.nn.Module):
         raise RewriteError(f"expected an nn.Module, got {type(module).__name__}")
     inputs = as_tuple(example_inputs)
     captured = capture_module(module, inputs, capture, concrete_args, leaf_modules)
-    graph = import_captured(captured.root, captured.graph, inputs, model_name=type(module).__name__)
+    graph = import_captured(captured.root, captured.graph, inputs, model_name=type(module).__name__, fold=fold)
     graph.meta["capture"] = captured.how
     graph.meta["capture_note"] = captured.note
     return graph
 
 
-def import_captured(root: torch.nn.Module, fx_graph: fx.Graph, inputs: tuple, model_name: str) -> Graph:
+def import_captured(root: torch.nn.Module, fx_graph: fx.Graph, inputs: tuple, model_name: str,
+                    fold: bool = True) -> Graph:
     """The IR of a captured graph: shapes recorded on the example inputs, parameter expressions folded."""
     module = root
     if inputs:
@@ -88,8 +90,10 @@ def import_captured(root: torch.nn.Module, fx_graph: fx.Graph, inputs: tuple, mo
                 raise recorder.failure from None
             raise RewriteError(f"the model does not run on the example inputs: {type(exc).__name__}: {exc}",
                                where=f"model {model_name}") from None
-    with preserved_buffers(module):
-        folded = fold_parameter_expressions(module, fx_graph)
+    folded = {}
+    if fold:
+        with preserved_buffers(module):
+            folded = fold_parameter_expressions(module, fx_graph)
     rewrite_scatters(fx_graph, folded)
     return FxImporter(module, fx_graph, folded).run()
 

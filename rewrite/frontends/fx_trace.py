@@ -11,6 +11,7 @@ import torch.fx as fx
 from ..errors import TraceError
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class _Tracer(fx.Tracer):
@@ -71,8 +72,8 @@ class _Tracer(fx.Tracer):
             if not hasattr(exc, "_rewrite_module"):
                 try:
                     exc._rewrite_module = (self.path_of_module(m) or "<root>", type(m).__name__)
-                except Exception:
-                    exc._rewrite_module = ("?", type(m).__name__)
+                except Exception:  # not in the module tree: built inside forward
+                    exc._rewrite_module = (f"<{type(m).__name__} built inside forward>", type(m).__name__)
             raise
 
 
@@ -88,7 +89,8 @@ def trace(module: torch.nn.Module, concrete_args: dict[str, Any] | None = None,
 
 def _trace_error(module: torch.nn.Module, exc: Exception) -> TraceError:
     path, cls = getattr(exc, "_rewrite_module", ("<root>", type(module).__name__))
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith(_TORCH_DIR) and not f.filename.startswith(_PACKAGE_DIR)]
     line = f"{frames[-1].filename}:{frames[-1].lineno}: {frames[-1].line}" if frames else "unknown line"
     hint = _hint(exc)
     message = (f"cannot trace module '{path}' ({cls}) at {line}\n  cause: {type(exc).__name__}: {exc}\n"
