@@ -331,6 +331,7 @@ class FuseBranchesPass(Pass):
         folded = self.bn_rules.run(graph, options)
         _merge(result, folded)
         if folded.modified:
+            _merge(result, self.border_rules.run(graph, options))
             _merge(result, self.branch_rules.run(graph, options))
         # a site reported in an earlier round and rewritten in a later one is no refusal any more
         alive = {n.name for n in graph.nodes}

@@ -69,6 +69,7 @@ def _range(a: dict, size: int) -> tuple[int, int] | None:
 
 def rewrite_scatters(graph: fx.Graph, folded: dict) -> None:
     """Rewrite every slice_scatter chain of `graph` in place (see the module docstring)."""
+    _drop_plain_copies(graph)
     for node in reversed(list(graph.nodes)):
         if node.graph is not graph or not _is_scatter(node) or any(_is_scatter(u) for u in node.users):
             continue  # erased already, or not the last write of its chain
@@ -145,6 +146,30 @@ def _per_channel(value: torch.Tensor, rank: int, channels: int) -> torch.Tensor 
     return value.reshape(-1).expand(channels).clone()
 
 
+def _drop_plain_copies(graph: fx.Graph) -> None:
+    """copy(dst, src) of the same shape and dtype is src: only dst's shape and dtype matter to it."""
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is aten.copy.default and len(node.args) == 2 \
+                and not node.kwargs:
+            dst, src = node.args
+            a, b = (n.meta.get("tensor_meta") if isinstance(n, fx.Node) else None for n in (dst, src))
+            if a is not None and b is not None and hasattr(a, "shape") and hasattr(b, "shape") \
+                    and tuple(a.shape) == tuple(b.shape) and a.dtype == b.dtype:
+                node.replace_all_uses_with(src)
+                graph.erase_node(node)
+
+
+def _reads_back(src, base: fx.Node, dim: int, start: int, end: int, size: int) -> bool:
+    """Whether `src` is base[start:end] along `dim`: writing it back changes nothing."""
+    if not (isinstance(src, fx.Node) and src.target is operator.getitem and src.args[0] is base):
+        return False
+    index = src.args[1] if isinstance(src.args[1], tuple) else (src.args[1],)
+    if len(index) != dim + 1 or any(i != slice(None) for i in index[:dim]) or not isinstance(index[dim], slice):
+        return False
+    lo, hi, step = index[dim].indices(size)
+    return (lo, hi, step) == (start, end, 1)
+
+
 def _as_concat(graph: fx.Graph, last: fx.Node) -> None:
     a = _scatter_args(last)
     base, src = a["base"], a["src"]
@@ -156,6 +181,10 @@ def _as_concat(graph: fx.Graph, last: fx.Node) -> None:
     if span is None:
         return
     start, end = span
+    if _reads_back(src, base, dim, start, end, shape[dim]):
+        last.replace_all_uses_with(base)
+        _erase_dead(graph, last)
+        return
     meta = base.meta["tensor_meta"]
     pieces = []
     with graph.inserting_before(last):
