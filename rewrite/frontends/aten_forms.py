@@ -120,6 +120,11 @@ def _dropout(node: fx.Node):
     return F.dropout, (x, p, train), {}
 
 
+def _inference_dropout(node: fx.Node):
+    """Dropout that is not training is its input (as in export's own inference IR)."""
+    return node.args[0] if len(node.args) > 2 and node.args[2] is False else None
+
+
 _AVG = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 _MAX = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 
@@ -152,8 +157,9 @@ def normalize(graph: fx.Graph) -> None:
         if node.op != "call_function":
             continue
         target = node.target
-        if target in PASS_THROUGH or target is aten.clone.default:
-            source = node.args[0] if target in PASS_THROUGH else _clone(node)
+        if target in PASS_THROUGH or target in (aten.clone.default, aten.dropout.default):
+            source = node.args[0] if target in PASS_THROUGH else \
+                _clone(node) if target is aten.clone.default else _inference_dropout(node)
             if isinstance(source, fx.Node):
                 node.replace_all_uses_with(source)
                 graph.erase_node(node)

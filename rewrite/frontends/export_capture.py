@@ -70,9 +70,10 @@ def export_error(module: torch.nn.Module, exc: Exception) -> TraceError:
 
 def program_graph(program: torch.export.ExportedProgram) -> tuple[torch.nn.Module, fx.Graph]:
     """(root holding the parameters under their original names, fx graph of torch calls) of `program`."""
-    if _mutates(program.graph):  # functional aten: slice assignment as slice_scatter (a second trace: slow)
-        program = program.run_decompositions({})
     unlifted = program.module()
+    if not _out_of_place(unlifted.graph):
+        # functional aten (slice assignment as slice_scatter) takes a second trace: slow, so only when needed
+        unlifted = program.run_decompositions({}).module()
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in unlifted.graph.nodes:
@@ -90,10 +91,44 @@ def program_graph(program: torch.export.ExportedProgram) -> tuple[torch.nn.Modul
     return unlifted, graph
 
 
-def _mutates(graph: fx.Graph) -> bool:
-    """Whether the graph writes into a tensor (copy_, add_, ...): only then is it functionalized."""
-    return any(node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
-               and node.target._schema.is_mutable for node in graph.nodes)
+def _writes(node: fx.Node) -> bool:
+    return node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and \
+        node.target._schema.is_mutable
+
+
+def _aliases(node: fx.Node) -> bool:
+    """Whether the node's result may share memory with an input (a view, or an in-place result)."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return node.op not in ("get_attr", "placeholder")  # getitem of a tuple, a Python call: assume so
+    return any(r.alias_info is not None for r in node.target._schema.returns)
+
+
+def _out_of_place(graph: fx.Graph) -> bool:
+    """Rewrite in-place calls on fresh tensors (`relu_`, `add_` of inplace=True layers and `x += y`) as
+    their out-of-place forms, in place; False (the graph left as it was) when some write needs
+    functionalization: a write into a view, a parameter or an input, or a tensor something reads later."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    plans = []
+    for node in graph.nodes:
+        if not _writes(node):
+            continue
+        schema = node.target._schema
+        written = [i for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
+        name = schema.name.split("::")[-1]
+        pure = getattr(getattr(torch.ops.aten, name[:-1], None), node.target._overloadname, None) \
+            if name.endswith("_") else None
+        if written != [0] or pure is None or pure._schema.is_mutable or not node.args:
+            return False
+        target = node.args[0]
+        if not isinstance(target, fx.Node) or target.op in ("placeholder", "get_attr") or _aliases(target):
+            return False
+        others = [u for u in target.users if u is not node]
+        if any(order[u] > order[node] or _aliases(u) for u in others):
+            return False  # read after the write, or viewed: only functionalization keeps that right
+        plans.append((node, pure))
+    for node, pure in plans:
+        node.target = pure
+    return True
 
 
 def _unflattened(flat, spec):
