@@ -109,25 +109,32 @@ class ExportedProgramFrontend(TorchFrontend):
 
     def verify(self, original, rewritten, example_inputs=None, dtype=None, tolerance=None, **_):
         from ..verify import verify_torch
-        from .export_capture import as_module, example_inputs_of
+        from .export_capture import as_module
 
-        inputs = example_inputs if example_inputs is not None else example_inputs_of(original)
+        inputs = _program_inputs(original, example_inputs)
         return verify_torch(as_module(original), as_module(rewritten), inputs, dtype, tolerance)
 
     def reference(self, original, example_inputs=None, tolerance=None, **_):
         from ..verify import TorchReference
-        from .export_capture import as_module, example_inputs_of
+        from .export_capture import as_module
 
-        inputs = example_inputs if example_inputs is not None else example_inputs_of(original)
+        inputs = _program_inputs(original, example_inputs)
         return _ModuleReference(TorchReference(as_module(original), inputs, tolerance))
 
     def float64_copy(self, model, example_inputs=None):
         from ..verify import cast_floats, float64_copy
-        from .export_capture import as_module, example_inputs_of
+        from .export_capture import as_module
 
-        inputs = example_inputs if example_inputs is not None else example_inputs_of(model)
+        inputs = _program_inputs(model, example_inputs)
         return float64_copy(as_module(model)), cast_floats(inputs, torch.float64), \
             "the float64 copy of an ExportedProgram is checked as its module"
+
+
+def _program_inputs(program, example_inputs):
+    """The given inputs, or random ones of the shapes the program was exported with."""
+    from .export_capture import example_inputs_of
+
+    return example_inputs if example_inputs is not None else example_inputs_of(program)
 
 
 class _ModuleReference:

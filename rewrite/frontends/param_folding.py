@@ -4,7 +4,8 @@ A weight built in forward (`self.weight + self.id_tensor`, `weight * mask`), a s
 `sigmoid(alpha)[i]`, BN statistics arithmetic: none depends on the input, so each is a constant
 the rules can read. The expression is evaluated once on float64 copies of its leaves and rounded
 once to the dtype the model computes it in (so a float32 model gets the correctly rounded value,
-and the folds that read it start from it). Only pure calls are evaluated (aten overloads without
+and the folds that read it start from it). A buffer forward may update (a training-mode BN's
+statistics, anything an unknown call receives) is not a constant. Only pure calls are evaluated (aten overloads without
 mutation or randomness; a list of torch functions and methods for fx graphs), and a result larger
 than the tensors it reads (a broadcast to the batch) is left to be computed where it was.
 """
@@ -14,6 +15,7 @@ import operator
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 import torch.nn.functional as F
 
 _PURE_FUNCTIONS = {
@@ -46,6 +48,30 @@ def pure_call(node: fx.Node) -> bool:
         return False
 
 
+_READ_ONLY_CALLS = {F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, F.linear}
+
+
+def _may_write(node: fx.Node) -> bool:
+    """Whether a call might write into a tensor argument (a training-mode batch_norm updates its statistics)."""
+    if node.op not in ("call_function", "call_method", "call_module") or pure_call(node):
+        return False
+    if node.op == "call_function" and node.target is F.batch_norm:
+        training = node.args[5] if len(node.args) > 5 else node.kwargs.get("training", False)
+        return training is not False
+    return not (node.op == "call_function" and node.target in _READ_ONLY_CALLS)
+
+
+def _changing_buffers(root: torch.nn.Module, graph: fx.Graph) -> set | None:
+    """The get_attr nodes of buffers forward may change (None: any buffer may, a module trains)."""
+    changing = set()
+    for node in graph.nodes:
+        if node.op == "call_module" and any(m.training for m in root.get_submodule(node.target).modules()):
+            return None
+        if _may_write(node):
+            changing.update(n for n in node.all_input_nodes if n.op == "get_attr")
+    return changing
+
+
 def _fetch(root: torch.nn.Module, target: str):
     obj = root
     for part in target.split("."):
@@ -76,12 +102,15 @@ def fold_parameter_expressions(root: torch.nn.Module, graph: fx.Graph) -> dict[f
     native: dict[fx.Node, object] = {}
     wide: dict[fx.Node, object] = {}  # the same values computed from float64 leaves
     budget: dict[fx.Node, int] = {}  # how many elements the leaves of a value hold
+    changing = _changing_buffers(root, graph)
     for node in graph.nodes:
         if node.op == "get_attr":
             try:
                 value = _fetch(root, node.target)
             except AttributeError:
                 continue
+            if not isinstance(value, nn.Parameter) and (changing is None or node in changing):
+                continue  # a buffer forward updates (BN statistics in training): read when it runs
             native[node], wide[node], budget[node] = value, _as_float64(value), _numel(value)
             continue
         if not pure_call(node):
