@@ -67,13 +67,45 @@ class Surgery:
             bias = self._folded_bias(node, sx, bias)
             w = w.index_select(0, out_keep).index_select(1, self.kept(sx))
             new_groups = 1
-        else:
-            # Whole groups go (the analysis coupled each group's inputs and outputs).
+        elif sx.channels == groups:
+            # Depthwise: whole groups go (the analysis coupled each group's input and outputs).
             per_group = so.channels // groups
             new_groups = _whole_groups(out_keep, per_group, node)
             w = w.index_select(0, out_keep)
+        else:
+            w, bias, new_groups = self._even_groups(node, sx, so, bias)
         bias = None if bias is None else bias.index_select(0, out_keep)
         self._rebuilt(node, {"weight": w, "bias": bias}, groups=new_groups)
+
+    def _even_groups(self, node: Node, sx: Space, so: Space, bias):
+        """A grouped conv whose kept groups all keep the same number of inputs and outputs (the decision saw
+        to it): each output row keeps its own group's kept inputs; removed inputs fold into its bias."""
+        w = node.params["weight"]
+        groups = node.attrs["groups"]
+        ipg, opg = sx.channels // groups, so.channels // groups
+        in_mask = torch.zeros(sx.channels, dtype=torch.bool)
+        in_mask[self.kept(sx)] = True
+        out_keep = self.kept(so)
+        group_of_out = out_keep // opg
+        kept_groups = torch.unique(group_of_out)
+        in_mask = in_mask.reshape(groups, ipg)
+        per_group = in_mask[kept_groups].sum(1)
+        outs = torch.bincount(group_of_out, minlength=groups)[kept_groups]
+        if len(set(per_group.tolist())) != 1 or len(set(outs.tolist())) != 1:
+            raise AssertionError(f"{node.name}: its groups would shrink unevenly")  # the decision forbids it
+        local = torch.stack([in_mask[g].nonzero().flatten() for g in kept_groups.tolist()])  # (kept groups, ins)
+        rows = torch.searchsorted(kept_groups, group_of_out)  # each kept output's row of `local`
+        gone = ~in_mask  # (groups, ipg): removed inputs, whose constants fold into their group's outputs
+        c = torch.nan_to_num(self.cg.constants(sx).reshape(groups, ipg), nan=0.0)
+        taps = f64(w.detach()).flatten(2).sum(-1)  # (O, ipg)
+        contrib = (taps * torch.where(gone, c, torch.zeros(())).repeat_interleave(opg, 0)).sum(1)
+        if bool(contrib[out_keep].ne(0).any()):
+            self.folded += int((gone & c.ne(0))[kept_groups].sum())
+            base = torch.zeros(so.channels, dtype=torch.float64) if bias is None else f64(bias)
+            bias = cast_like(base + contrib, w if bias is None else bias)
+        w_kept = w.index_select(0, out_keep)
+        index = local[rows].reshape(len(out_keep), -1, *([1] * (w.dim() - 2))).expand(-1, -1, *w.shape[2:])
+        return torch.gather(w_kept, 1, index).clone(), bias, len(kept_groups)
 
     def _conv_transpose(self, node: Node) -> None:
         spaces = self._shrunk_spaces(node)

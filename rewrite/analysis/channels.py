@@ -64,6 +64,10 @@ class ChannelGraph:
     deps: nx.Graph = field(default_factory=nx.Graph)
     # (add/mul node, input index, constant's channel axis): per-channel constants to slice on removal
     channel_constants: list[tuple[Node, int, int]] = field(default_factory=list)
+    # (conv, input space, output space, groups) of grouped convs whose groups must all shrink alike
+    grouped: list[tuple[Node, Space, Space, int]] = field(default_factory=list)
+    # the node that made each of `pairs`, to say where a dead channel meets a live one
+    pair_nodes: list[str] = field(default_factory=list)
     size: int = 0
 
     def space(self, value: Value) -> Space | None:
@@ -141,6 +145,7 @@ class _Builder:
 
     def couple(self, a: Space, a_idx: torch.Tensor, b: Space, b_idx: torch.Tensor, node: Node) -> None:
         self.g.pairs.append((a.offset + a_idx, b.offset + b_idx))
+        self.g.pair_nodes.append(node.label)
         self.g.deps.add_edge(a.value.name, b.value.name, node=node.label, kind=node.kind)
 
     def couple_same(self, a: Space, b: Space, node: Node) -> None:
@@ -184,8 +189,10 @@ class _Builder:
             self.pin(sx, f"{node.label} reads it in a layout other than (N, C, ...)", node.label)
             return None
         so = self.new_space(out, out_channels(node))
-        if groups > 1:
-            self._couple_groups(node, sx, so, groups)
+        if groups > 1 and (node.kind == "conv_transpose" or sx.channels == groups):
+            self._couple_groups(node, sx, so, groups)  # depthwise (or transposed): a channel goes with its group
+        elif groups > 1:
+            self._even_groups(node, sx, so, groups)
         else:
             self._exit(node, sx)
         return sx, so
@@ -238,6 +245,16 @@ class _Builder:
         g_out = torch.arange(so.channels) // opg
         self.couple(sx, torch.arange(sx.channels), sx, g_in * ipg, node)  # every input to its group's first
         self.couple(so, torch.arange(so.channels), sx, g_out * ipg, node)  # every output likewise
+
+    def _even_groups(self, node: Node, sx: Space, so: Space, groups: int) -> None:
+        """A grouped conv with several inputs per group: its inputs exit like an ungrouped conv's, and the
+        decision later keeps every group the same size (see ChannelGraph.grouped)."""
+        if sx.channels % groups or so.channels % groups:
+            self.pin(sx, f"{node.label} has {groups} groups that do not divide its channels", node.label)
+            self.pin(so, f"{node.label} has {groups} groups that do not divide its channels", node.label)
+            return
+        self._exit(node, sx)
+        self.g.grouped.append((node, sx, so, groups))
 
     def _exit(self, node: Node, sx: Space) -> None:
         """A conv / linear reading channels of `sx`: removing one folds its constant into the bias."""
