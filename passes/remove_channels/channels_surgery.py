@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from rewrite.analysis.channels import ChannelGraph, Space
+from rewrite.analysis.channels import ChannelGraph, Space, channel_dim
 from rewrite.ir import Graph, Node
 from rewrite.params import cast_like, f64
 
@@ -170,6 +170,23 @@ class Surgery:
             return
         sizes = tuple(len(self.kept(sp)) for sp in spaces)
         self._rebuilt(node, node.params, sizes=sizes)
+
+    def _slice(self, node: Node) -> None:
+        sx = self.cg.space(node.inputs[0])
+        if sx is None or channel_dim(node.attrs["dim"], sx.value) != 1 or not self.shrunk(sx):
+            return  # a slice of another axis keeps its bounds
+        kept = self.kept(sx)  # the kept channels of [start, end) are contiguous in the smaller input
+        start, end = (int((kept < node.attrs[k]).sum()) for k in ("start", "end"))
+        self._rebuilt(node, node.params, start=start, end=end)
+
+    def _index_select(self, node: Node) -> None:
+        sx, so = self.cg.space(node.inputs[0]), self.cg.space(node.output)
+        if so is None or sx is None or not (self.shrunk(sx) or self.shrunk(so)):
+            return
+        index = node.params["index"]
+        picked = index.reshape(-1).long().cpu()[self.kept(so)]
+        new_index = torch.searchsorted(self.kept(sx), picked).to(index.device, index.dtype)
+        self._rebuilt(node, {"index": new_index})
 
     def _flatten(self, node: Node) -> None:
         if self.shrunk(self.cg.space(node.inputs[0])):

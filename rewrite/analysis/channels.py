@@ -371,6 +371,38 @@ class _Builder:
             return self._inputs_pinned(node, f"dropout {node.label} is in training mode")
         self._visit_identity(node)
 
+    def _visit_stochastic_depth(self, node: Node) -> None:
+        if node.attrs.get("training"):
+            return self._inputs_pinned(node, f"stochastic depth {node.label} is in training mode")
+        self._visit_identity(node)
+
+    def _visit_slice(self, node: Node) -> None:
+        """x[:, start:end] on the channel axis: output channel j is input channel start + j."""
+        a = node.attrs
+        if channel_dim(a["dim"], node.inputs[0]) != 1:
+            return self._visit_identity(node) if channel_dim(a["dim"], node.inputs[0]) > 1 else \
+                self._visit_other(node)
+        if a["step"] != 1:
+            return self._inputs_pinned(node, f"slice {node.label} takes every {a['step']}th channel; only "
+                                             "contiguous channel slices are followed")
+        self._select(node, torch.arange(a["start"], a["end"]))
+
+    def _visit_index_select(self, node: Node) -> None:
+        """x.index_select(1, index) with a constant index: output channel j is input channel index[j]."""
+        dim = channel_dim(node.attrs["dim"], node.inputs[0])
+        if dim != 1:
+            return self._visit_identity(node) if dim > 1 else self._visit_other(node)
+        self._select(node, node.params["index"].detach().long().reshape(-1).cpu())
+
+    def _select(self, node: Node, index: torch.Tensor) -> None:
+        x, out = node.inputs[0], node.output
+        sx = self.g.space(x)
+        if sx is None or sx.mult != 1 or out.shape is None or out.shape[1] != len(index):
+            return self._inputs_pinned(node, f"{_describe(node)} selects channels of a tensor whose channels are "
+                                             "not tracked")
+        so = self.new_space(out, len(index), const=self.g.constants(sx)[index].clone())
+        self.couple(sx, index, so, torch.arange(len(index)), node)
+
     def _visit_max_pool(self, node: Node) -> None:
         sx = self.g.space(node.inputs[0])
         if sx is not None and sx.mult != 1:
@@ -496,6 +528,14 @@ class _Builder:
         mult = math.prod(x.shape[2:end + 1])
         so = self.new_space(node.output, sx.channels, mult, const=self.g.constants(sx))
         self.couple_same(sx, so, node)
+
+
+def channel_dim(dim: int, value: Value) -> int:
+    """`dim` as a non-negative axis of `value` (-1 when its rank is unknown)."""
+    rank = _rank(value)
+    if dim >= 0:
+        return dim
+    return -1 if rank is None else dim + rank
 
 
 def _describe(node: Node) -> str:
