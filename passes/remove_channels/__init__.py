@@ -22,6 +22,7 @@ from rewrite.analysis.channels import ChannelGraph, channel_graph
 from rewrite.ir import Graph
 from rewrite.errors import PassError
 from rewrite.pass_manager import Pass, PassResult, Refused, Rewritten, register_pass
+from rewrite.report import reason_template
 
 from .channels_surgery import Surgery
 
@@ -120,6 +121,11 @@ class Decision:
                for (node, value, reason), n in counts.items()]
         out += [Refused(RULE, node, f"1 dead channel of {value} kept so that it keeps at least one channel")
                 for node, value in self.kept_one]
+        self.kept_per_reason = Counter()  # the report's tally: like reasons (site names taken out) summed
+        for (node, value, reason), n in counts.items():
+            self.kept_per_reason[reason_template(Refused(RULE, node, reason))] += n
+        if self.kept_one:
+            self.kept_per_reason["kept so that the tensor keeps at least one channel"] += len(self.kept_one)
         return out
 
     def _met_live(self, dead_kept: torch.Tensor, explained: Counter) -> Counter:
@@ -228,10 +234,13 @@ class RemoveChannels(Pass):
         result.rewritten += [Rewritten(RULE, (node.label,)) for node in changed]
         result.refused = decision.refusals()
         groups = decision.groups()
+        result.notes["kept_per_reason"] = dict(decision.kept_per_reason.most_common())
         result.notes.update(groups=groups, removed_per_layer=dict(by_layer),
                             dependency_groups=nx.number_connected_components(cg.deps), channel_elements_removed=removed)
         summary = [f"removed {sum(by_layer.values())} channels from {len(by_layer)} layers in {len(groups)} "
                    f"dependency groups; rebuilt {len(changed)} nodes; folded {surgery.folded} constants into biases"]
+        for reason, n in list(decision.kept_per_reason.most_common())[:3]:
+            summary.append(f"kept {n} dead channel(s): {reason}")
         if threshold is not None:
             summary.append(f"LOSSY: zeroed {result.counts['zeroed_gammas']} BN gammas with |gamma| <= {threshold:g}")
             result.notes["lossy"] = True
