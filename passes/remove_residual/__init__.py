@@ -49,7 +49,7 @@ def reserve_and_merge(ctx, add):
     if state is None:  # the rule used on its own, outside the pass
         state = {"ranges": NonNegativity(ctx.graph, bool(ctx.options.get("nonnegative_inputs"))), "sites": []}
     try:
-        site = find_site(ctx.graph, add)
+        site = find_site(ctx.graph, add, state["ranges"])
         if site is None:
             return None
         signed = ctx.options.get("signed", "split")
