@@ -17,7 +17,7 @@ import torch
 
 from rewrite.ir import Graph, Node, Value
 from rewrite.numerics.kernels import regroup
-from rewrite.params import bn_affine, bn_refusal, has_padding, weight_bias
+from rewrite.params import bn_affine, bn_refusal, channel_values, has_padding, weight_bias
 
 SKIPPED = ("identity", "dropout")  # the identity in inference mode
 ACTIVATIONS = ("relu", "clamp")
@@ -129,15 +129,34 @@ def chain_to(graph: Graph, operand: Value, x: Value) -> tuple[list[Node], str | 
         producer = v.producer
         if producer is None:
             return nodes[::-1], f"{v.name} is a graph input, not computed from {x.name}"
-        if len(producer.inputs) != 1:
-            return nodes[::-1], (f"{_describe(producer)} has {len(producer.inputs)} inputs: the path has a branch "
+        data = _data_inputs(producer)
+        if len(data) != 1:
+            return nodes[::-1], (f"{_describe(producer)} has {len(data)} inputs: the path has a branch "
                                  "of its own (a gate or a nested block)")
         if v is not operand and graph.external_uses(v) != 1:
             readers = [n.name for n in v.users if n is not nodes[-1]] or ["<graph output>"]
             return nodes[::-1], f"{v.name} is also read by {', '.join(readers[:3])}: the path has a branch of its own"
         nodes.append(producer)
-        v = producer.inputs[0]
+        v = data[0]
     return nodes[::-1], None
+
+
+def _data_inputs(node: Node) -> list[Value]:
+    """The inputs of `node` that are not constants (a mul / add by a constant is a one-input op here)."""
+    if node.kind not in ("mul", "add"):
+        return list(node.inputs)
+    return [v for v in node.inputs if v.producer is None or v.producer.kind != "constant"]
+
+
+def constant_operand(node: Node, channels: int, spatial_dims: int) -> torch.Tensor | None:
+    """The constant of a mul / add by a scalar or per-channel constant, as float64 per channel; else None."""
+    consts = [v.producer.params["value"] for v in node.inputs if v.producer is not None and v.producer.kind == "constant"]
+    if node.kind not in ("mul", "add") or len(consts) != 1 or len(node.inputs) != 2:
+        return None
+    found = channel_values(consts[0], spatial_dims + 1, spatial_dims + 2)
+    if found is None or (found[1] is not None and found[0].numel() != channels):
+        return None
+    return found[0].expand(channels) if found[1] is None else found[0]
 
 
 def _skipped(node: Node, where: str = "") -> bool:
@@ -161,6 +180,18 @@ def collapse_shortcut(nodes: list[Node], channels: int, spatial_dims: int,
     stride = [1] * spatial_dims
     for node in nodes:
         if _skipped(node, "the shortcut's "):
+            continue
+        if node.kind in ("mul", "add"):  # by a per-channel constant (BN folded by fuse_branches)
+            vector = constant_operand(node, matrix.shape[0], spatial_dims)
+            if vector is None:
+                raise SiteRefusal(f"the shortcut's {node.label} ({node.kind}) is not by a per-channel constant")
+            if node.kind == "mul":
+                matrix, bias = vector[:, None] * matrix, vector * bias
+            else:
+                bias = bias + vector
+            continue
+        if node.kind == "slice":  # x[:, start:end]: a selection of rows (checked by _is_shortcut_op)
+            matrix, bias = matrix[node.attrs["start"]:node.attrs["end"]], bias[node.attrs["start"]:node.attrs["end"]]
             continue
         if node.kind == "relu":
             diagonal = torch.equal(matrix, torch.diag(torch.diagonal(matrix)))
@@ -329,8 +360,25 @@ def find_site(graph: Graph, add: Node, nonnegative: Callable[[Value], bool] | No
     raise SiteRefusal(max(reasons, key=lambda r: r[0])[1])
 
 
+def channel_slice(node: Node) -> bool:
+    """A contiguous slice of the channel axis (axis 1 of a batched tensor of known rank)."""
+    x = node.inputs[0] if node.inputs else None
+    if node.kind != "slice" or x is None or x.shape is None or len(x.shape) < 3:
+        return False
+    return node.attrs["dim"] % len(x.shape) == 1 and node.attrs["step"] == 1
+
+
+def _shortcut_shape(x: Value, shortcut: Shortcut) -> tuple | None:
+    """S(x)'s shape when a rule that built S left it unset: x's, with S's channels (stride 1 only)."""
+    if x.shape is None or len(x.shape) < 3 or any(s != 1 for s in shortcut.stride):
+        return None
+    return (x.shape[0], shortcut.matrix.shape[0]) + tuple(x.shape[2:])
+
+
 def _is_shortcut_op(node: Node) -> bool:
     if node.kind in SKIPPED or node.kind in ("batch_norm", "relu"):  # a relu: see collapse_shortcut
+        return True
+    if channel_slice(node) or (node.kind in ("mul", "add") and len(_data_inputs(node)) == 1):
         return True
     return node.kind == "conv" and all(k == 1 for k in node.params["weight"].shape[2:]) and not has_padding(node)
 
@@ -366,14 +414,15 @@ def _site(graph: Graph, add: Node, x: Value, main: Value, short: Value,
                                      lambda: nonnegative is not None and nonnegative(x))
     except SiteRefusal as refusal:
         raise refuse(refusal.reason, 3, n) from None
-    if x.shape is None or main.shape is None or short.shape is None:
+    short_shape = short.shape if short.shape is not None else _shortcut_shape(x, shortcut)
+    if x.shape is None or main.shape is None or short_shape is None:
         raise refuse("the shapes around the add are unknown; pass example_inputs", 3, n)
     if len(x.shape) != first.params["weight"].dim():
         # BatchNorm normalizes axis 1, the channel axis only of batched activations.
         raise refuse(f"the block input has rank {len(x.shape)}, not the batched rank {first.params['weight'].dim()} "
                      "of its convs (unbatched input)", 3, n)
-    if tuple(main.shape) != tuple(short.shape):
-        raise refuse(f"the add broadcasts ({tuple(main.shape)} + {tuple(short.shape)}); only equal shapes are merged",
+    if tuple(main.shape) != tuple(short_shape):
+        raise refuse(f"the add broadcasts ({tuple(main.shape)} + {tuple(short_shape)}); only equal shapes are merged",
                      3, n)
     if shortcut.matrix.shape[0] != items[-1].weight.shape[0]:
         raise refuse(f"the shortcut gives {shortcut.matrix.shape[0]} channels, the main path "
