@@ -48,7 +48,7 @@ def family(name: str) -> str:
 def model_names() -> list[str]:
     import torchvision.models as tm
 
-    return [f"torchvision:{n}" for n in tm.list_models(module=tm)] + [f"timm:{n}" for n in TIMM_MODELS]
+    return [f"timm:{n}" for n in TIMM_MODELS] + [f"torchvision:{n}" for n in tm.list_models(module=tm)]
 
 
 def build(spec: str):
@@ -104,7 +104,8 @@ def reasons(result, top: int = 3) -> list[str]:
     return [f"{len(sites)}x {reason}"[:220] for _, reason, sites in group_refusals(result.refused)[:top]]
 
 
-def run_pass(model, x, name: str) -> dict:
+def run_pass(model, x, name: str, reference) -> dict:
+    """One pass on `model`, judged by `reference` (a rewrite.verify.TorchReference of it, computed once)."""
     import torch
 
     import rewrite
@@ -114,7 +115,7 @@ def run_pass(model, x, name: str) -> dict:
     try:
         with torch.no_grad():
             out, report = rewrite.apply(model, [name], example_inputs=x, return_report=True)
-            check = rewrite.verify(model, out, x)
+            check = reference.check(out)
     except TraceError as exc:
         return {"outcome": "refused", "reasons": [f"capture: {exc}"[:300]], "seconds": time.perf_counter() - start}
     except RewriteError as exc:
@@ -140,6 +141,7 @@ def worker(spec: str, size: int) -> dict:
     import torch
 
     from rewrite.testing import randomize_bn
+    from rewrite.verify import TorchReference
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -152,10 +154,12 @@ def worker(spec: str, size: int) -> dict:
     randomize_bn(model, 0)
     x = example_input(model, size)
     row["input"] = list(x.shape)
+    reference = TorchReference(model, x)  # float64 outputs computed once for the passes that share the model
     for name in PASSES:
         if name == "remove_channels":
             row["dead_channels"] = kill_quarter(model)
-        row[name] = run_pass(model, x, name)
+            reference = TorchReference(model, x)
+        row[name] = run_pass(model, x, name, reference)
         if name == "remove_channels" and "counts" in row[name]:
             removed = row[name]["counts"].get("channels_removed", 0)
             row[name]["removed_of_dead"] = f"{removed}/{row['dead_channels']}"
@@ -221,7 +225,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="zoo_sweep.jsonl")
     ap.add_argument("--size", type=int, default=64, help="input side tried first (default 64)")
-    ap.add_argument("--timeout", type=float, default=1200, help="seconds per model")
+    ap.add_argument("--timeout", type=float, default=300, help="seconds per model")
     ap.add_argument("--only", help="only models whose name contains this")
     ap.add_argument("--worker", metavar="MODEL", help=argparse.SUPPRESS)
     ap.add_argument("--table", action="store_true", help="print the per-family table of --out and exit")
