@@ -246,3 +246,18 @@ def test_efficientnet_b0_loses_its_dead_hidden_channels():
     # Each dead hidden channel leaves its depthwise conv, its SE expand conv and the conv before (expand or stem).
     assert result.counts["channels_removed"] == 3 * killed
     assert not result.refused
+
+
+@pytest.mark.parametrize("groups, ipg", [(2, 3), (3, 2)])
+@pytest.mark.parametrize("dtype", [None, torch.float64])
+def test_grouped_conv_folds_non_zero_constants_of_removed_inputs_into_its_groups_biases(groups, ipg, dtype):
+    m = nn.Sequential(nn.Conv2d(3, groups * ipg, 1), nn.BatchNorm2d(groups * ipg), nn.ReLU(),
+                      nn.Conv2d(groups * ipg, groups * 2, 1, groups=groups), nn.BatchNorm2d(groups * 2), nn.ReLU(),
+                      nn.Conv2d(groups * 2, 2, 1)).eval()
+    randomize_bn(m, 1)
+    dead = [g * ipg for g in range(groups)]  # the first input of every group: a positive constant after ReLU
+    m[1].weight[dead] = 0
+    m[1].bias[dead] = torch.tensor([0.7, 1.3, 0.4][:groups])
+    out, result = run(m, torch.randn(2, 3, 5, 5), dtype=dtype)
+    assert out.get_submodule("3").weight.shape == (groups * 2, ipg - 1, 1, 1)
+    assert result.counts["constants_folded"] == groups
