@@ -20,6 +20,14 @@ def drop_eval_dropout(ctx, x, dropout):
     return x
 
 
+@rule(P.op("stochastic_depth", P.any("x"), name="drop"))
+def drop_eval_stochastic_depth(ctx, x, drop):
+    """stochastic depth in inference mode is the identity."""
+    if drop.attrs.get("training"):
+        return ctx.fail(f"{drop.name} is in training mode; it is random, not the identity")
+    return x
+
+
 class CleanupPass(RulePass):
     def run(self, graph, options=None):
         result = super().run(graph, options)
@@ -29,5 +37,5 @@ class CleanupPass(RulePass):
         return result
 
 
-cleanup = register_pass(CleanupPass("cleanup", [drop_identity, drop_eval_dropout],
-                                    "remove identities, inference-mode dropout and dead nodes"))
+cleanup = register_pass(CleanupPass("cleanup", [drop_identity, drop_eval_dropout, drop_eval_stochastic_depth],
+                                    "remove identities, inference-mode dropout and stochastic depth, and dead nodes"))

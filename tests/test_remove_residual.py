@@ -185,15 +185,16 @@ class GatedBlock(nn.Module):
         return torch.relu(x + self.bn2(self.conv2(h)))
 
 
-class PreActBlock(nn.Module):
+class ActivationBeforeBN(nn.Module):
+    """relu -> BN -> conv at the start of the main path: the BN can go into no conv."""
+
     def __init__(self):
         super().__init__()
         self.bn1, self.conv1 = nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1, bias=False)
-        self.bn2, self.conv2 = nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
 
     def forward(self, x):
-        h = self.conv1(torch.relu(self.bn1(x)))
-        return x + self.conv2(torch.relu(self.bn2(h)))
+        return x + self.conv2(torch.relu(self.conv1(self.bn1(torch.relu(x)))))
 
 
 class NonlinearShortcut(nn.Module):
@@ -253,8 +254,8 @@ class MisalignedTap(nn.Module):
 NEAR_MISSES = {
     "silu": (lambda: GatedBlock("silu"), "silu"),
     "se_gate": (lambda: GatedBlock("se"), "branch of its own"),
-    "pre_activation": (PreActBlock, "pre-activation"),
-    "nonlinear_shortcut": (NonlinearShortcut, "only a linear shortcut"),
+    "activation_before_bn": (ActivationBeforeBN, "neither a conv before it nor the block's reserve conv can absorb"),
+    "nonlinear_shortcut": (NonlinearShortcut, "not linear in x"),
     "branched_main": (BranchedMain, "branch of its own"),
     "grouped_merge": (GroupedMerge, "last conv"),
     "shortcut_across_groups": (SingleGroupedAcross, "across the groups"),

@@ -22,6 +22,7 @@ from rewrite.analysis.channels import ChannelGraph, channel_graph
 from rewrite.ir import Graph
 from rewrite.errors import PassError
 from rewrite.pass_manager import Pass, PassResult, Refused, Rewritten, register_pass
+from rewrite.report import reason_template
 
 from .channels_surgery import Surgery
 
@@ -52,17 +53,54 @@ class Decision:
         self.class_alive[labels[seen_varying]] = True
         self.removable = ~self.class_blocked[labels]
         self.kept_one: list[tuple[str, str]] = []
-        self._keep_one_each()
+        self.uneven: Counter = Counter()  # (conv, tensor, reason) -> dead channels kept to keep groups even
+        while True:  # keeping one channel or evening out groups can keep more: repeat until stable
+            changed = self._keep_one_each()
+            changed = self._even_groups() or changed
+            if not changed:
+                break
 
-    def _keep_one_each(self) -> None:
+    def _block(self, channels: torch.Tensor) -> None:
+        """Keep the classes of these channels (global indices)."""
+        self.class_blocked[self.labels[channels]] = True
+        self.removable &= ~self.class_blocked[self.labels]
+
+    def _keep_one_each(self) -> bool:
         """Never empty a tensor: keep the class of its first channel."""
+        changed = False
         for sp in self.cg.order:
             if sp.channels and bool(self.removable[sp.offset:sp.offset + sp.channels].all()):
-                label = self.labels[sp.offset]
-                self.class_blocked[label] = True
-                self.removable[self.labels == label] = False
+                self._block(torch.tensor([sp.offset]))
                 producer = sp.value.producer
                 self.kept_one.append((producer.label if producer is not None else "<input>", tensor_name(sp.value)))
+                changed = True
+        return changed
+
+    def _even_groups(self) -> bool:
+        """A grouped conv keeps equal groups: whole groups may go, the others all lose the same number of
+        inputs and of outputs; a group's surplus dead channels stay, with the reason."""
+        changed = False
+        for node, sx, so, groups in self.cg.grouped:
+            ipg, opg = sx.channels // groups, so.channels // groups
+            rin = self.removable[sx.offset:sx.offset + sx.channels].reshape(groups, ipg)
+            rout = self.removable[so.offset:so.offset + so.channels].reshape(groups, opg)
+            whole = rin.all(1) & rout.all(1)
+            if bool(whole.all()):
+                whole[0] = False
+            kept = ~whole
+            k_in = min(int(rin.sum(1)[kept].min()), ipg - 1)
+            k_out = min(int(rout.sum(1)[kept].min()), opg - 1)
+            for sp, r, k, side in ((sx, rin, k_in, "inputs"), (so, rout, k_out, "outputs")):
+                surplus = r & (r.cumsum(1) > k) & kept.unsqueeze(1)
+                n = int(surplus.sum())
+                if not n:
+                    continue
+                self._block(sp.offset + surplus.flatten().nonzero().flatten())
+                reason = (f"grouped conv {node.label} keeps its {groups} groups equal: every kept group can lose "
+                          f"only {k} of its {r.shape[1]} {side} (the fewest dead in any group)")
+                self.uneven[(node.label, tensor_name(sp.value), reason)] += n
+                changed = True
+        return changed
 
     def refusals(self) -> list[Refused]:
         dead_kept = (self.class_blocked & ~self.class_alive)[self.labels]
@@ -77,10 +115,46 @@ class Decision:
             n = int((~self.removable[idx]).sum())
             if n:
                 counts[(b.node, tensor_name(b.space.value), b.reason)] += n
+        counts.update(self.uneven)
+        counts.update(self._met_live(dead_kept, counts))
         out = [Refused(RULE, node, f"{n} dead channel(s) of {value} kept: {reason}")
                for (node, value, reason), n in counts.items()]
         out += [Refused(RULE, node, f"1 dead channel of {value} kept so that it keeps at least one channel")
                 for node, value in self.kept_one]
+        self.kept_per_reason = Counter()  # the report's tally: like reasons (site names taken out) summed
+        for (node, value, reason), n in counts.items():
+            self.kept_per_reason[reason_template(Refused(RULE, node, reason))] += n
+        if self.kept_one:
+            self.kept_per_reason["kept so that the tensor keeps at least one channel"] += len(self.kept_one)
+        return out
+
+    def _met_live(self, dead_kept: torch.Tensor, explained: Counter) -> Counter:
+        """Constant channels kept because their class also holds a channel that varies: named by the node
+        whose input channel is constant and whose output channel varies (a residual add, a gate, ...).
+        Couplings run from a node's input to its output, so only that direction is a meeting."""
+        constant_kept = ~self.varying & ~self.removable & ~dead_kept
+        out: Counter = Counter()
+        if not bool(constant_kept.any()):
+            return out
+        by_offset = sorted(self.cg.order, key=lambda sp: sp.offset)
+        starts = torch.tensor([sp.offset for sp in by_offset])
+        noted = torch.zeros_like(constant_kept)
+        nodes = {n.label: n for n in self.cg.graph.nodes}
+        for (a, b), label in zip(self.cg.pairs, self.cg.pair_nodes):
+            for here, there in ((a, b),):
+                meet = constant_kept[here] & self.varying[there] & ~noted[here]
+                if not bool(meet.any()):
+                    continue
+                idx = here[meet]
+                noted[idx] = True
+                sp = by_offset[int(torch.searchsorted(starts, idx[0], right=True)) - 1]
+                node = nodes.get(label)
+                kind = node.kind if node is not None else "op"
+                where = label if label.startswith(kind) else f"{kind} {label}"
+                reason = (f"it meets a channel that varies at {where}, so it is not dead there"
+                          + (" (a residual add keeps a channel unless it is dead in every operand)"
+                             if kind == "add" else ""))
+                out[(label, tensor_name(sp.value), reason)] += len(idx)
         return out
 
     def groups(self) -> list[dict]:
@@ -160,10 +234,13 @@ class RemoveChannels(Pass):
         result.rewritten += [Rewritten(RULE, (node.label,)) for node in changed]
         result.refused = decision.refusals()
         groups = decision.groups()
+        result.notes["kept_per_reason"] = dict(decision.kept_per_reason.most_common())
         result.notes.update(groups=groups, removed_per_layer=dict(by_layer),
                             dependency_groups=nx.number_connected_components(cg.deps), channel_elements_removed=removed)
         summary = [f"removed {sum(by_layer.values())} channels from {len(by_layer)} layers in {len(groups)} "
                    f"dependency groups; rebuilt {len(changed)} nodes; folded {surgery.folded} constants into biases"]
+        for reason, n in list(decision.kept_per_reason.most_common())[:3]:
+            summary.append(f"kept {n} dead channel(s): {reason}")
         if threshold is not None:
             summary.append(f"LOSSY: zeroed {result.counts['zeroed_gammas']} BN gammas with |gamma| <= {threshold:g}")
             result.notes["lossy"] = True

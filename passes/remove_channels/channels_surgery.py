@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from rewrite.analysis.channels import ChannelGraph, Space
+from rewrite.analysis.channels import ChannelGraph, Space, channel_dim
 from rewrite.ir import Graph, Node
 from rewrite.params import cast_like, f64
 
@@ -67,13 +67,45 @@ class Surgery:
             bias = self._folded_bias(node, sx, bias)
             w = w.index_select(0, out_keep).index_select(1, self.kept(sx))
             new_groups = 1
-        else:
-            # Whole groups go (the analysis coupled each group's inputs and outputs).
+        elif sx.channels == groups:
+            # Depthwise: whole groups go (the analysis coupled each group's input and outputs).
             per_group = so.channels // groups
             new_groups = _whole_groups(out_keep, per_group, node)
             w = w.index_select(0, out_keep)
+        else:
+            w, bias, new_groups = self._even_groups(node, sx, so, bias)
         bias = None if bias is None else bias.index_select(0, out_keep)
         self._rebuilt(node, {"weight": w, "bias": bias}, groups=new_groups)
+
+    def _even_groups(self, node: Node, sx: Space, so: Space, bias):
+        """A grouped conv whose kept groups all keep the same number of inputs and outputs (the decision saw
+        to it): each output row keeps its own group's kept inputs; removed inputs fold into its bias."""
+        w = node.params["weight"]
+        groups = node.attrs["groups"]
+        ipg, opg = sx.channels // groups, so.channels // groups
+        in_mask = torch.zeros(sx.channels, dtype=torch.bool)
+        in_mask[self.kept(sx)] = True
+        out_keep = self.kept(so)
+        group_of_out = out_keep // opg
+        kept_groups = torch.unique(group_of_out)
+        in_mask = in_mask.reshape(groups, ipg)
+        per_group = in_mask[kept_groups].sum(1)
+        outs = torch.bincount(group_of_out, minlength=groups)[kept_groups]
+        if len(set(per_group.tolist())) != 1 or len(set(outs.tolist())) != 1:
+            raise AssertionError(f"{node.name}: its groups would shrink unevenly")  # the decision forbids it
+        local = torch.stack([in_mask[g].nonzero().flatten() for g in kept_groups.tolist()])  # (kept groups, ins)
+        rows = torch.searchsorted(kept_groups, group_of_out)  # each kept output's row of `local`
+        gone = ~in_mask  # (groups, ipg): removed inputs, whose constants fold into their group's outputs
+        c = torch.nan_to_num(self.cg.constants(sx).reshape(groups, ipg), nan=0.0)
+        taps = f64(w.detach()).flatten(2).sum(-1)  # (O, ipg)
+        contrib = (taps * torch.where(gone, c, torch.zeros(())).repeat_interleave(opg, 0)).sum(1)
+        if bool(contrib[out_keep].ne(0).any()):
+            self.folded += int((gone & c.ne(0))[kept_groups].sum())
+            base = torch.zeros(so.channels, dtype=torch.float64) if bias is None else f64(bias)
+            bias = cast_like(base + contrib, w if bias is None else bias)
+        w_kept = w.index_select(0, out_keep)
+        index = local[rows].reshape(len(out_keep), -1, *([1] * (w.dim() - 2))).expand(-1, -1, *w.shape[2:])
+        return torch.gather(w_kept, 1, index).clone(), bias, len(kept_groups)
 
     def _conv_transpose(self, node: Node) -> None:
         spaces = self._shrunk_spaces(node)
@@ -138,6 +170,23 @@ class Surgery:
             return
         sizes = tuple(len(self.kept(sp)) for sp in spaces)
         self._rebuilt(node, node.params, sizes=sizes)
+
+    def _slice(self, node: Node) -> None:
+        sx = self.cg.space(node.inputs[0])
+        if sx is None or channel_dim(node.attrs["dim"], sx.value) != 1 or not self.shrunk(sx):
+            return  # a slice of another axis keeps its bounds
+        kept = self.kept(sx)  # the kept channels of [start, end) are contiguous in the smaller input
+        start, end = (int((kept < node.attrs[k]).sum()) for k in ("start", "end"))
+        self._rebuilt(node, node.params, start=start, end=end)
+
+    def _index_select(self, node: Node) -> None:
+        sx, so = self.cg.space(node.inputs[0]), self.cg.space(node.output)
+        if so is None or sx is None or not (self.shrunk(sx) or self.shrunk(so)):
+            return
+        index = node.params["index"]
+        picked = index.reshape(-1).long().cpu()[self.kept(so)]
+        new_index = torch.searchsorted(self.kept(sx), picked).to(index.device, index.dtype)
+        self._rebuilt(node, {"index": new_index})
 
     def _flatten(self, node: Node) -> None:
         if self.shrunk(self.cg.space(node.inputs[0])):

@@ -25,6 +25,7 @@ from rewrite.pattern import P
 from rewrite.rule import rule
 from rewrite.sites import account_for
 
+from .channel_concat import merge_sliced_concat
 from .residual_build import BlockBuilder, Signals
 from .residual_site import ResidualSite, SiteRefusal, block_input, find_site
 
@@ -49,7 +50,7 @@ def reserve_and_merge(ctx, add):
     if state is None:  # the rule used on its own, outside the pass
         state = {"ranges": NonNegativity(ctx.graph, bool(ctx.options.get("nonnegative_inputs"))), "sites": []}
     try:
-        site = find_site(ctx.graph, add)
+        site = find_site(ctx.graph, add, state["ranges"])
         if site is None:
             return None
         signed = ctx.options.get("signed", "split")
@@ -159,7 +160,7 @@ def _summary_line(note: dict) -> str:
 
 
 remove_residual = register_pass(RemoveResidualPass(
-    "remove_residual", [reserve_and_merge],
+    "remove_residual", [reserve_and_merge, merge_sliced_concat],
     "RM residual removal: widen each residual block's convs to carry its input and merge the shortcut, "
     "so the add disappears (exact, or refused with the reason)",
     options={"signed": "'split' (default: a signed input as relu(x), relu(-x)) or 'clamp' (C channels, "

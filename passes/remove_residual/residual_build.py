@@ -309,11 +309,11 @@ class BlockBuilder:
         out.producer.scope = conv.scope
         out.shape = _shape_with_channels(like, weight.shape[0], self.spatial_dims)
         out.dtype = like.dtype
-        before = _numel(conv.params["weight"], conv.params.get("bias"))
+        before = 0 if stage.virtual else _numel(conv.params["weight"], conv.params.get("bias"))
         before += sum(_numel(bn.params.get("weight"), bn.params.get("bias")) for bn in stage.bns)
         self.costs.append(ConvCost(conv.label, stage.weight.shape[0], weight.shape[0], before,
                                    weight.numel() + bias.numel(),
-                                   _conv_flops(like, tuple(stage.weight.shape), self.spatial_dims),
+                                   0 if stage.virtual else _conv_flops(like, tuple(stage.weight.shape), self.spatial_dims),
                                    _conv_flops(out, tuple(weight.shape), self.spatial_dims)))
         return out
 

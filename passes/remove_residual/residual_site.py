@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from rewrite.ir import Graph, Node, Value
 from rewrite.numerics.kernels import regroup
-from rewrite.params import bn_affine, bn_refusal, has_padding, weight_bias
+from rewrite.params import bn_affine, bn_refusal, channel_values, has_padding, weight_bias
 
 SKIPPED = ("identity", "dropout")  # the identity in inference mode
 ACTIVATIONS = ("relu", "clamp")
@@ -45,6 +46,7 @@ class Stage:
     bns: list[Node]
     weight: torch.Tensor
     bias: torch.Tensor
+    virtual: bool = False  # a 1x1 reserve conv made for a pre-activation block (not in the graph before)
 
     @property
     def output(self) -> Value:
@@ -127,15 +129,34 @@ def chain_to(graph: Graph, operand: Value, x: Value) -> tuple[list[Node], str | 
         producer = v.producer
         if producer is None:
             return nodes[::-1], f"{v.name} is a graph input, not computed from {x.name}"
-        if len(producer.inputs) != 1:
-            return nodes[::-1], (f"{_describe(producer)} has {len(producer.inputs)} inputs: the path has a branch "
+        data = _data_inputs(producer)
+        if len(data) != 1:
+            return nodes[::-1], (f"{_describe(producer)} has {len(data)} inputs: the path has a branch "
                                  "of its own (a gate or a nested block)")
         if v is not operand and graph.external_uses(v) != 1:
             readers = [n.name for n in v.users if n is not nodes[-1]] or ["<graph output>"]
             return nodes[::-1], f"{v.name} is also read by {', '.join(readers[:3])}: the path has a branch of its own"
         nodes.append(producer)
-        v = producer.inputs[0]
+        v = data[0]
     return nodes[::-1], None
+
+
+def _data_inputs(node: Node) -> list[Value]:
+    """The inputs of `node` that are not constants (a mul / add by a constant is a one-input op here)."""
+    if node.kind not in ("mul", "add"):
+        return list(node.inputs)
+    return [v for v in node.inputs if v.producer is None or v.producer.kind != "constant"]
+
+
+def constant_operand(node: Node, channels: int, spatial_dims: int) -> torch.Tensor | None:
+    """The constant of a mul / add by a scalar or per-channel constant, as float64 per channel; else None."""
+    consts = [v.producer.params["value"] for v in node.inputs if v.producer is not None and v.producer.kind == "constant"]
+    if node.kind not in ("mul", "add") or len(consts) != 1 or len(node.inputs) != 2:
+        return None
+    found = channel_values(consts[0], spatial_dims + 1, spatial_dims + 2)
+    if found is None or (found[1] is not None and found[0].numel() != channels):
+        return None
+    return found[0].expand(channels) if found[1] is None else found[0]
 
 
 def _skipped(node: Node, where: str = "") -> bool:
@@ -148,13 +169,39 @@ def _skipped(node: Node, where: str = "") -> bool:
 
 
 # -- the shortcut -----------------------------------------------------------------------------
-def collapse_shortcut(nodes: list[Node], channels: int, spatial_dims: int) -> Shortcut:
-    """The shortcut chain as one affine map per pixel; raises SiteRefusal if it is not one."""
+def collapse_shortcut(nodes: list[Node], channels: int, spatial_dims: int,
+                      x_nonnegative: Callable[[], bool] = lambda: False) -> Shortcut:
+    """The shortcut chain as one affine map per pixel; raises SiteRefusal if it is not one.
+
+    A ReLU on the shortcut is linear when what it reads is a per-channel scale d * x of an x proved
+    >= 0: relu(d * x) = max(d, 0) * x (RMNet's pruning blocks, relu(depthwise 1x1(x)))."""
     matrix = torch.eye(channels, dtype=torch.float64)
     bias = torch.zeros(channels, dtype=torch.float64)
     stride = [1] * spatial_dims
     for node in nodes:
         if _skipped(node, "the shortcut's "):
+            continue
+        if node.kind in ("mul", "add"):  # by a per-channel constant (BN folded by fuse_branches)
+            vector = constant_operand(node, matrix.shape[0], spatial_dims)
+            if vector is None:
+                raise SiteRefusal(f"the shortcut's {node.label} ({node.kind}) is not by a per-channel constant")
+            if node.kind == "mul":
+                matrix, bias = vector[:, None] * matrix, vector * bias
+            else:
+                bias = bias + vector
+            continue
+        if node.kind == "slice":  # x[:, start:end]: a selection of rows (checked by _is_shortcut_op)
+            matrix, bias = matrix[node.attrs["start"]:node.attrs["end"]], bias[node.attrs["start"]:node.attrs["end"]]
+            continue
+        if node.kind == "relu":
+            diagonal = torch.equal(matrix, torch.diag(torch.diagonal(matrix)))
+            if not diagonal or bool(bias.ne(0).any()):
+                raise SiteRefusal(f"the shortcut's relu {node.label} reads a shortcut that mixes channels or adds a "
+                                  "shift, so it is not linear in x")
+            if not x_nonnegative():
+                raise SiteRefusal(f"the shortcut's relu {node.label} is linear only for a block input proved >= 0 "
+                                  "(relu(d * x) = max(d, 0) * x), and this one is not proved >= 0")
+            matrix = matrix.clamp_min(0)
             continue
         if node.kind == "batch_norm":
             why = bn_refusal(node)
@@ -191,12 +238,66 @@ def _dense_1x1(weight: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 # -- the main path ----------------------------------------------------------------------------
+def _pre_activation_stage(lead: list[Node], bns: list[Node], first_conv: Node | None) -> Stage:
+    """The reserve conv of a pre-activation block (BN / activation before the first conv).
+
+    RMNet's own deploy() starts such a block with a 1x1 Dirac conv copying x into reserved channels,
+    which pass the leading BN as an identity and the ReLUs as slope-1 PReLUs. Here that 1x1 conv is
+    made up front and holds the leading BNs (per-channel affine maps), so the BN vanishes into it and
+    the reserved channels never see it; the ReLUs then treat reserved channels as usual.
+    """
+    if first_conv is None:
+        raise SiteRefusal("the main path has no conv after its pre-activation BN / activation, so nothing "
+                          "can carry or merge the reserved channels")
+    x = lead[0].inputs[0]
+    channels = first_conv.params["weight"].shape[1] * first_conv.attrs["groups"]
+    dims = first_conv.params["weight"].dim() - 2
+    scale = torch.ones(channels, dtype=torch.float64)
+    shift = torch.zeros(channels, dtype=torch.float64)
+    for bn in bns:
+        why = bn_refusal(bn)
+        if why:
+            raise SiteRefusal(why)
+        s, t = bn_affine(bn)
+        if s.numel() != channels:
+            raise SiteRefusal(f"{bn.label} has {s.numel()} channels, the block input {channels}")
+        scale, shift = s * scale, s * shift + t
+    ref = first_conv.params["weight"]
+    conv = Node("conv", f"{lead[0].name}_reserve", attrs={"stride": (1,) * dims, "padding": ((0, 0),) * dims,
+                                                          "dilation": (1,) * dims, "groups": 1},
+                params={"weight": torch.zeros((channels, channels) + (1,) * dims, dtype=ref.dtype, device=ref.device)})
+    conv.scope = f"{lead[0].scope}_reserve" if lead[0].scope else None  # a new module beside the BN it holds
+    conv.output.shape, conv.output.dtype = x.shape, x.dtype
+    weight = torch.diag(scale).reshape((channels, channels) + (1,) * dims)
+    return Stage(conv, bns, weight, shift, virtual=True)
+
+
 def parse_main_path(nodes: list[Node]) -> list[Stage | Activation]:
-    """Group the main chain into conv stages and activations; raises SiteRefusal otherwise."""
+    """Group the main chain into conv stages and activations; raises SiteRefusal otherwise.
+
+    BNs and activations before the first conv (a pre-activation block) get a 1x1 reserve conv of
+    their own (see _pre_activation_stage)."""
     items: list[Stage | Activation] = []
+    lead: list[Node] = []  # pre-activation nodes before the first conv
+    lead_bns: list[Node] = []
+    nodes = [node for node in nodes if not _skipped(node)]
     for node in nodes:
-        if _skipped(node):
-            continue
+        if node.kind == "conv":
+            break
+        if node.kind == "batch_norm" and any(n.kind != "batch_norm" for n in lead):
+            raise SiteRefusal(f"batch_norm {node.label} follows the activation {lead[-1].label} before any conv: "
+                              "neither a conv before it nor the block's reserve conv can absorb it")
+        if node.kind not in ("batch_norm",) + ACTIVATIONS:
+            break
+        lead.append(node)
+        if node.kind == "batch_norm":
+            lead_bns.append(node)
+    if lead:
+        first_conv = next((n for n in nodes if n.kind == "conv"), None)
+        items.append(_pre_activation_stage(lead, lead_bns, first_conv))
+        items += [Activation(n) for n in lead if n.kind != "batch_norm"]
+        nodes = nodes[len(lead):]
+    for node in nodes:
         if node.kind == "conv":
             weight, bias = weight_bias(node)
             items.append(Stage(node, [], weight, bias))
@@ -235,8 +336,10 @@ def parse_main_path(nodes: list[Node]) -> list[Stage | Activation]:
     return items
 
 
-def find_site(graph: Graph, add: Node) -> ResidualSite | None:
-    """The residual site rooted at `add`, None if the add is no residual, SiteRefusal if it cannot convert."""
+def find_site(graph: Graph, add: Node, nonnegative: Callable[[Value], bool] | None = None) -> ResidualSite | None:
+    """The residual site rooted at `add`, None if the add is no residual, SiteRefusal if it cannot convert.
+
+    `nonnegative` proves values >= 0 (rewrite.analysis.ranges), for a ReLU on the shortcut."""
     if len(add.inputs) != 2 or add.inputs[0] is add.inputs[1]:
         return None
     x = block_input(add)
@@ -247,7 +350,7 @@ def find_site(graph: Graph, add: Node) -> ResidualSite | None:
         if main is x:
             continue
         try:
-            return _site(graph, add, x, main, short)
+            return _site(graph, add, x, main, short, nonnegative)
         except SiteRefusal as why:
             # The order that got further is the one the user needs to hear about; on a tie, the one
             # whose shortcut is shorter is the likelier reading of the block.
@@ -257,13 +360,31 @@ def find_site(graph: Graph, add: Node) -> ResidualSite | None:
     raise SiteRefusal(max(reasons, key=lambda r: r[0])[1])
 
 
+def channel_slice(node: Node) -> bool:
+    """A contiguous slice of the channel axis (axis 1 of a batched tensor of known rank)."""
+    x = node.inputs[0] if node.inputs else None
+    if node.kind != "slice" or x is None or x.shape is None or len(x.shape) < 3:
+        return False
+    return node.attrs["dim"] % len(x.shape) == 1 and node.attrs["step"] == 1
+
+
+def _shortcut_shape(x: Value, shortcut: Shortcut) -> tuple | None:
+    """S(x)'s shape when a rule that built S left it unset: x's, with S's channels (stride 1 only)."""
+    if x.shape is None or len(x.shape) < 3 or any(s != 1 for s in shortcut.stride):
+        return None
+    return (x.shape[0], shortcut.matrix.shape[0]) + tuple(x.shape[2:])
+
+
 def _is_shortcut_op(node: Node) -> bool:
-    if node.kind in SKIPPED or node.kind == "batch_norm":
+    if node.kind in SKIPPED or node.kind in ("batch_norm", "relu"):  # a relu: see collapse_shortcut
+        return True
+    if channel_slice(node) or (node.kind in ("mul", "add") and len(_data_inputs(node)) == 1):
         return True
     return node.kind == "conv" and all(k == 1 for k in node.params["weight"].shape[2:]) and not has_padding(node)
 
 
-def _site(graph: Graph, add: Node, x: Value, main: Value, short: Value) -> ResidualSite:
+def _site(graph: Graph, add: Node, x: Value, main: Value, short: Value,
+          nonnegative: Callable[[Value], bool] | None) -> ResidualSite:
     def refuse(reason: str, depth: int, length: int = 0) -> SiteRefusal:
         refusal = SiteRefusal(reason, depth)
         refusal.shortcut_length = length
@@ -289,17 +410,19 @@ def _site(graph: Graph, add: Node, x: Value, main: Value, short: Value) -> Resid
     except SiteRefusal as refusal:
         raise refuse(refusal.reason, 2, n) from None
     try:
-        shortcut = collapse_shortcut(short_nodes, channels, first.params["weight"].dim() - 2)
+        shortcut = collapse_shortcut(short_nodes, channels, first.params["weight"].dim() - 2,
+                                     lambda: nonnegative is not None and nonnegative(x))
     except SiteRefusal as refusal:
         raise refuse(refusal.reason, 3, n) from None
-    if x.shape is None or main.shape is None or short.shape is None:
+    short_shape = short.shape if short.shape is not None else _shortcut_shape(x, shortcut)
+    if x.shape is None or main.shape is None or short_shape is None:
         raise refuse("the shapes around the add are unknown; pass example_inputs", 3, n)
     if len(x.shape) != first.params["weight"].dim():
         # BatchNorm normalizes axis 1, the channel axis only of batched activations.
         raise refuse(f"the block input has rank {len(x.shape)}, not the batched rank {first.params['weight'].dim()} "
                      "of its convs (unbatched input)", 3, n)
-    if tuple(main.shape) != tuple(short.shape):
-        raise refuse(f"the add broadcasts ({tuple(main.shape)} + {tuple(short.shape)}); only equal shapes are merged",
+    if tuple(main.shape) != tuple(short_shape):
+        raise refuse(f"the add broadcasts ({tuple(main.shape)} + {tuple(short_shape)}); only equal shapes are merged",
                      3, n)
     if shortcut.matrix.shape[0] != items[-1].weight.shape[0]:
         raise refuse(f"the shortcut gives {shortcut.matrix.shape[0]} channels, the main path "

@@ -64,6 +64,10 @@ class ChannelGraph:
     deps: nx.Graph = field(default_factory=nx.Graph)
     # (add/mul node, input index, constant's channel axis): per-channel constants to slice on removal
     channel_constants: list[tuple[Node, int, int]] = field(default_factory=list)
+    # (conv, input space, output space, groups) of grouped convs whose groups must all shrink alike
+    grouped: list[tuple[Node, Space, Space, int]] = field(default_factory=list)
+    # the node that made each of `pairs`, to say where a dead channel meets a live one
+    pair_nodes: list[str] = field(default_factory=list)
     size: int = 0
 
     def space(self, value: Value) -> Space | None:
@@ -141,6 +145,7 @@ class _Builder:
 
     def couple(self, a: Space, a_idx: torch.Tensor, b: Space, b_idx: torch.Tensor, node: Node) -> None:
         self.g.pairs.append((a.offset + a_idx, b.offset + b_idx))
+        self.g.pair_nodes.append(node.label)
         self.g.deps.add_edge(a.value.name, b.value.name, node=node.label, kind=node.kind)
 
     def couple_same(self, a: Space, b: Space, node: Node) -> None:
@@ -184,8 +189,10 @@ class _Builder:
             self.pin(sx, f"{node.label} reads it in a layout other than (N, C, ...)", node.label)
             return None
         so = self.new_space(out, out_channels(node))
-        if groups > 1:
-            self._couple_groups(node, sx, so, groups)
+        if groups > 1 and (node.kind == "conv_transpose" or sx.channels == groups):
+            self._couple_groups(node, sx, so, groups)  # depthwise (or transposed): a channel goes with its group
+        elif groups > 1:
+            self._even_groups(node, sx, so, groups)
         else:
             self._exit(node, sx)
         return sx, so
@@ -238,6 +245,16 @@ class _Builder:
         g_out = torch.arange(so.channels) // opg
         self.couple(sx, torch.arange(sx.channels), sx, g_in * ipg, node)  # every input to its group's first
         self.couple(so, torch.arange(so.channels), sx, g_out * ipg, node)  # every output likewise
+
+    def _even_groups(self, node: Node, sx: Space, so: Space, groups: int) -> None:
+        """A grouped conv with several inputs per group: its inputs exit like an ungrouped conv's, and the
+        decision later keeps every group the same size (see ChannelGraph.grouped)."""
+        if sx.channels % groups or so.channels % groups:
+            self.pin(sx, f"{node.label} has {groups} groups that do not divide its channels", node.label)
+            self.pin(so, f"{node.label} has {groups} groups that do not divide its channels", node.label)
+            return
+        self._exit(node, sx)
+        self.g.grouped.append((node, sx, so, groups))
 
     def _exit(self, node: Node, sx: Space) -> None:
         """A conv / linear reading channels of `sx`: removing one folds its constant into the bias."""
@@ -353,6 +370,38 @@ class _Builder:
         if node.attrs.get("training"):
             return self._inputs_pinned(node, f"dropout {node.label} is in training mode")
         self._visit_identity(node)
+
+    def _visit_stochastic_depth(self, node: Node) -> None:
+        if node.attrs.get("training"):
+            return self._inputs_pinned(node, f"stochastic depth {node.label} is in training mode")
+        self._visit_identity(node)
+
+    def _visit_slice(self, node: Node) -> None:
+        """x[:, start:end] on the channel axis: output channel j is input channel start + j."""
+        a = node.attrs
+        if channel_dim(a["dim"], node.inputs[0]) != 1:
+            return self._visit_identity(node) if channel_dim(a["dim"], node.inputs[0]) > 1 else \
+                self._visit_other(node)
+        if a["step"] != 1:
+            return self._inputs_pinned(node, f"slice {node.label} takes every {a['step']}th channel; only "
+                                             "contiguous channel slices are followed")
+        self._select(node, torch.arange(a["start"], a["end"]))
+
+    def _visit_index_select(self, node: Node) -> None:
+        """x.index_select(1, index) with a constant index: output channel j is input channel index[j]."""
+        dim = channel_dim(node.attrs["dim"], node.inputs[0])
+        if dim != 1:
+            return self._visit_identity(node) if dim > 1 else self._visit_other(node)
+        self._select(node, node.params["index"].detach().long().reshape(-1).cpu())
+
+    def _select(self, node: Node, index: torch.Tensor) -> None:
+        x, out = node.inputs[0], node.output
+        sx = self.g.space(x)
+        if sx is None or sx.mult != 1 or out.shape is None or out.shape[1] != len(index):
+            return self._inputs_pinned(node, f"{_describe(node)} selects channels of a tensor whose channels are "
+                                             "not tracked")
+        so = self.new_space(out, len(index), const=self.g.constants(sx)[index].clone())
+        self.couple(sx, index, so, torch.arange(len(index)), node)
 
     def _visit_max_pool(self, node: Node) -> None:
         sx = self.g.space(node.inputs[0])
@@ -479,6 +528,14 @@ class _Builder:
         mult = math.prod(x.shape[2:end + 1])
         so = self.new_space(node.output, sx.channels, mult, const=self.g.constants(sx))
         self.couple_same(sx, so, node)
+
+
+def channel_dim(dim: int, value: Value) -> int:
+    """`dim` as a non-negative axis of `value` (-1 when its rank is unknown)."""
+    rank = _rank(value)
+    if dim >= 0:
+        return dim
+    return -1 if rank is None else dim + rank
 
 
 def _describe(node: Node) -> str:

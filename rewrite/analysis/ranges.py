@@ -11,7 +11,8 @@ from ..ir import Graph, Node, Value
 
 # Kinds whose outputs are >= 0 when every data input is >= 0 (monotone or averaging, no sign change).
 _PRESERVING = frozenset({"max_pool", "avg_pool", "adaptive_avg_pool", "flatten", "reshape", "identity",
-                         "dropout", "split", "concat", "add", "mul", "slice", "mean"})
+                         "dropout", "split", "concat", "add", "mul", "slice", "mean",
+                         "stochastic_depth", "index_select"})
 
 
 

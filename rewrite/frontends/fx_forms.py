@@ -9,6 +9,7 @@ as a call of the first function form. No per-op code is needed here: ops whose c
 from __future__ import annotations
 
 import inspect
+import sys
 from typing import Any, Callable
 
 import torch
@@ -30,10 +31,22 @@ class FxForms:
             for form in op.fx:
                 if isinstance(form, type) and issubclass(form, nn.Module):
                     self.modules.setdefault(form, op)
+                elif isinstance(form, str) and "." in form:
+                    self._add_named(form, op)
                 elif isinstance(form, str):
                     self.methods.setdefault(form, op)
                 elif callable(form):
                     self.functions.setdefault(form, op)
+
+    def _add_named(self, form: str, op: OpDef) -> None:
+        """A form named "package.module.name" (an optional package's function or module class): known once
+        that package is imported, which it is whenever a model built with it is traced."""
+        module_name, _, attr_name = form.rpartition(".")
+        found = getattr(sys.modules.get(module_name), attr_name, None)
+        if isinstance(found, type) and issubclass(found, nn.Module):
+            self.modules.setdefault(found, op)
+        elif callable(found):
+            self.functions.setdefault(found, op)
 
     def module_op(self, m: nn.Module) -> OpDef | None:
         for cls in type(m).__mro__:

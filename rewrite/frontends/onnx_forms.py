@@ -257,3 +257,18 @@ def _dtype_of(node: Node):
 EMITTERS = {"silu": _emit_silu, "hardsigmoid": _emit_hardsigmoid, "hardswish": _emit_hardswish, "gelu": _emit_gelu,
             "prelu": _emit_prelu, "softmax": _emit_softmax, "mean": _emit_mean, "pad": _emit_pad,
             "slice": _emit_slice}
+
+
+# -- issue 11 (channel removal reach): constant channel selection, inference-mode stochastic depth ----
+def _emit_index_select(e, node, ins, outs):
+    index = node.params["index"].detach().cpu().numpy().astype(np.int64)
+    e.op(node, "Gather", [ins[0], e.constant(node, "index", index)], outs, axis=node.attrs["dim"])
+
+
+def _emit_stochastic_depth(e, node, ins, outs):
+    if node.attrs["training"]:
+        raise RewriteError("stochastic depth in training mode has no ONNX form (it is random)", where=f"node {node.name}")
+    e.op(node, "Identity", [ins[0]], outs)
+
+
+EMITTERS.update(index_select=_emit_index_select, stochastic_depth=_emit_stochastic_depth)

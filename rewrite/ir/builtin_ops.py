@@ -85,3 +85,26 @@ define_op("prelu", params=("weight",), required_params=("weight",), pointwise=Tr
 define_op("softmax", attrs={"dim": attr(int)}, nonnegative=True, onnx="Softmax", onnx_attrs={"dim": "axis"},
           fx=[nn.Softmax, F.softmax, torch.softmax, "softmax"], fx_ignore=("_stacklevel",),
           description="softmax along `dim`")
+
+
+# -- issue 11 (channel removal reach): channel selection and eval-mode stochastic depth -------------
+def index_select(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """torch.index_select with keyword-friendly arguments: the form a rebuilt `index_select` is written as."""
+    return torch.index_select(x, dim, index)
+
+
+define_op("index_select", attrs={"dim": attr(int)}, params=("index",), required_params=("index",),
+          fx=[index_select, torch.index_select, "index_select"],
+          description="x.index_select(dim, index) with a constant index (network slimming's channel selection)")
+def stochastic_depth(x: torch.Tensor, p: float, mode: str, training: bool = True) -> torch.Tensor:
+    """torchvision.ops.stochastic_depth (imported when called): the form a rebuilt node is written as."""
+    from torchvision.ops import stochastic_depth as torchvision_stochastic_depth
+
+    return torchvision_stochastic_depth(x, p, mode, training)
+
+
+# torchvision's StochasticDepth calls a function fx does not trace into; named, so torchvision stays optional.
+define_op("stochastic_depth", attrs={"p": attr(float), "mode": attr(str, choices=("row", "batch")),
+                                     "training": attr(bool, True)},
+          fx=[stochastic_depth, "torchvision.ops.stochastic_depth.stochastic_depth", "torchvision.ops.stochastic_depth.StochasticDepth"],
+          description="drops whole rows (or the batch) at random in training; the identity otherwise")
