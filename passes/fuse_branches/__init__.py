@@ -24,7 +24,7 @@ from rewrite.patterns.branches import concatenated_branches, linear_cascade, par
 from rewrite.rule import rule
 
 from .branch_forms import KernelForm, branch_form, compose_forms, node_form, stack_forms, sum_forms
-from .branch_terms import (WEIGHTED, Branch, Layout, Term, classify, expand, find_layout, layout_of, obstacle,
+from .branch_terms import (SUMS, WEIGHTED, Branch, Layout, Term, classify, expand, find_layout, layout_of, obstacle,
                            unaliased)
 from ..fold_bn import fold_bn_into_conv, fold_bn_into_linear
 
@@ -89,7 +89,7 @@ def _feeds_a_sum(graph: Graph, add: Node) -> bool:
     value = add.output
     while len(value.uses) == 1 and not graph.is_output(value):
         reader = value.uses[0][0]
-        if reader.kind == "add":
+        if reader.kind in SUMS:
             return True
         if reader.kind != "identity" and not (reader.kind == "dropout" and not reader.attrs.get("training")):
             return False
@@ -210,9 +210,9 @@ def _sum_absorbs(graph: Graph, second: Node, x: Value, fused: KernelForm) -> boo
     value = second.output
     while len(value.uses) == 1 and not graph.is_output(value):
         reader = value.uses[0][0]
-        if reader.kind == "add" and any(_costly_conv_of(graph, o, x, fused) for o in reader.inputs if o is not value):
+        if reader.kind in SUMS and any(_costly_conv_of(graph, o, x, fused) for o in reader.inputs if o is not value):
             return True
-        if reader.kind not in _SCALING + ("add",):
+        if reader.kind not in _SCALING + SUMS:
             return False
         value = reader.output
     return False
@@ -223,7 +223,7 @@ def _costly_conv_of(graph: Graph, value: Value, x: Value, fused: KernelForm, dep
     node = value.producer
     if node is None or depth == 0 or graph.external_uses(value) != 1:
         return False
-    if node.kind in _SCALING + ("add",):
+    if node.kind in _SCALING + SUMS:
         return any(_costly_conv_of(graph, i, x, fused, depth - 1) for i in node.inputs)
     return node.kind == "conv" and unaliased(node.inputs[0]) is x and \
         tuple(node.attrs["stride"]) == fused.stride and node.params["weight"].numel() >= fused.macs

@@ -16,6 +16,8 @@ from rewrite.ir import Graph, Node, Value
 from rewrite.params import bn_affine, bn_refusal, channel_values
 
 WEIGHTED = ("conv", "linear")
+SUMS = ("add", "sub")  # a sub is a sum whose second operand has the sign -1
+_MINUS_ONE = torch.tensor(-1.0, dtype=torch.float64)
 BRANCH_KINDS = WEIGHTED + ("avg_pool",)
 
 
@@ -58,7 +60,7 @@ def find_layout(value: Value, depth: int = 16) -> tuple[Layout, torch.dtype] | N
             continue
         if node.kind in WEIGHTED:
             return layout_of(node, rank), node.params["weight"].dtype
-        if node.kind in ("add", "mul", "batch_norm", "identity", "dropout"):
+        if node.kind in SUMS + ("mul", "batch_norm", "identity", "dropout"):
             stack.extend((i, d + 1) for i in node.inputs)
     return None
 
@@ -97,16 +99,17 @@ def expand(graph: Graph, value: Value, layout: Layout, dtype: torch.dtype | None
             out.terms.append(Term(v, scale))
             return
         kind = node.kind
-        if kind == "add" and (through_adds or top) and _walkable_add(node, layout, dtype, scale):
-            for operand in node.inputs:
+        if kind in SUMS and (through_adds or top) and _walkable_add(node, layout, dtype, scale):
+            for i, operand in enumerate(node.inputs):
+                signed = times(scale, _MINUS_ONE) if kind == "sub" and i == 1 else scale
                 if is_constant(operand):
                     vector = channel_vector(operand.producer.params["value"], layout, dtype)
-                    if vector is None:
+                    if vector is None:  # only unscaled (see _walkable_add): stays an operand as it is
                         out.loose.append(operand)
                     else:
-                        out.shifts.append(times(scale, vector))
+                        out.shifts.append(times(signed, vector))
                 else:
-                    walk(operand, scale, False)
+                    walk(operand, signed, False)
             return
         if kind == "mul" and len(node.inputs) == 2 and sum(map(is_constant, node.inputs)) == 1:
             const, other = sorted(node.inputs, key=lambda i: not is_constant(i))
@@ -129,11 +132,11 @@ def expand(graph: Graph, value: Value, layout: Layout, dtype: torch.dtype | None
 
 
 def _walkable_add(node: Node, layout: Layout, dtype, scale) -> bool:
-    """An add can be split into terms unless a constant operand that is not per channel would be scaled."""
-    if scale is None:
-        return True
+    """An add or sub can be split into terms unless a constant operand that is not per channel would be
+    scaled (a subtracted one is scaled by -1)."""
+    scaled = [i for k, i in enumerate(node.inputs) if scale is not None or (node.kind == "sub" and k == 1)]
     return all(channel_vector(i.producer.params["value"], layout, dtype) is not None
-               for i in node.inputs if is_constant(i))
+               for i in scaled if is_constant(i))
 
 
 def _bn_on_channels(layout: Layout) -> bool:
@@ -158,7 +161,7 @@ def classify(graph: Graph, term: Term) -> Branch:
     return Branch("identity", unaliased(term.leaf), None, term)
 
 
-_LINEAR_KINDS = BRANCH_KINDS + ("batch_norm", "mul", "add", "identity", "dropout")
+_LINEAR_KINDS = BRANCH_KINDS + SUMS + ("batch_norm", "mul", "identity", "dropout")
 
 
 def obstacle(graph: Graph, leaf: Value, inputs: set[int]) -> str | None:

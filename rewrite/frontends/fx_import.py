@@ -188,13 +188,14 @@ _FUNCTIONS: dict[Any, tuple[str, Callable]] = {
     torch.clamp: ("clamp", _sig_clamp), torch.clip: ("clamp", _sig_clamp),
     operator.add: ("add", _sig_binary), torch.add: ("add", _sig_binary),
     operator.mul: ("mul", _sig_binary), torch.mul: ("mul", _sig_binary),
+    operator.sub: ("sub", _sig_binary), torch.sub: ("sub", _sig_binary),
     torch.cat: ("concat", _sig_cat), torch.concat: ("concat", _sig_cat),
     torch.flatten: ("flatten", _sig_flatten),
     F.dropout: ("dropout", _sig_dropout),
     F.adaptive_avg_pool2d: ("adaptive_avg_pool", _sig_adaptive),
 }
 _METHODS: dict[str, tuple[str, Callable]] = {
-    "add": ("add", _sig_binary), "mul": ("mul", _sig_binary), "relu": ("relu", _sig_unary),
+    "add": ("add", _sig_binary), "mul": ("mul", _sig_binary), "sub": ("sub", _sig_binary), "relu": ("relu", _sig_unary),
     "flatten": ("flatten", _sig_flatten), "clamp": ("clamp", _sig_clamp),
 }
 
@@ -379,7 +380,7 @@ class FxImporter:
             elif kind == "adaptive_avg_pool":
                 attrs = {"output_size": _tuple(a["output_size"], 2)}
             return self._make(kind, fx_node, [x], attrs, params)
-        if kind in ("add", "mul"):
+        if kind in ("add", "mul", "sub"):
             if a.get("alpha", 1) != 1:
                 return None
             operands = [a["input"], a["other"]]

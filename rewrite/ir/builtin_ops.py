@@ -7,6 +7,8 @@ per-channel tensors (clamp bounds, pad values, PReLU slopes) are broadcastable t
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -85,3 +87,7 @@ define_op("prelu", params=("weight",), required_params=("weight",), pointwise=Tr
 define_op("softmax", attrs={"dim": attr(int)}, nonnegative=True, onnx="Softmax", onnx_attrs={"dim": "axis"},
           fx=[nn.Softmax, F.softmax, torch.softmax, "softmax"], fx_ignore=("_stacklevel",),
           description="softmax along `dim`")
+
+# -- issue 11, branch fusion and BN folding reach: subtraction (FastViT's RepMixer, EfficientViM) -------
+define_op("sub", inputs=("x", "other"), onnx="Sub", fx=[operator.sub, torch.sub, "sub"],
+          description="x - other (broadcasting); a sum of branches reads it as x + (-1) * other")
