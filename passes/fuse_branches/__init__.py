@@ -23,7 +23,8 @@ from rewrite.pass_manager import Pass, PassResult, RulePass, register_pass
 from rewrite.patterns.branches import concatenated_branches, linear_cascade, parallel_branches
 from rewrite.rule import rule
 
-from .branch_forms import KernelForm, branch_form, compose_forms, node_form, stack_forms, sum_forms
+from .branch_forms import (CascadePlan, KernelForm, branch_form, cascade_refusal, composed, node_form, plan_cascade,
+                           stack_forms, sum_forms)
 from .branch_terms import (SUMS, WEIGHTED, Branch, Layout, Term, classify, expand, find_layout, layout_of, obstacle,
                            unaliased)
 from ..fold_bn import fold_bn_into_conv, fold_bn_into_linear
@@ -189,21 +190,20 @@ def fuse_linear_cascade(ctx, x, second):
         return ctx.fail(first)
     if expansion.shifts:
         first.bias = first.bias + sum(expansion.shifts)
-    allow = ctx.options.get("allow_costlier", False)
-    fused = compose_forms(first, node_form(second), allow)
-    if isinstance(fused, str) and not allow:
-        wide = compose_forms(first, node_form(second), True)
-        if isinstance(wide, KernelForm) and _sum_absorbs(graph, second, branch.input, wide):
-            fused = wide
-    if isinstance(fused, str):
-        return ctx.fail(fused)
-    return _emit(ctx, branch.input, fused, layout, second, second.output)
+    plan = plan_cascade(first, node_form(second))
+    if isinstance(plan, str):
+        return ctx.fail(plan)
+    # decided from the kernels' sizes, before any float64 composition
+    refusal = cascade_refusal(plan, ctx.options.get("allow_costlier", False))
+    if refusal and not _sum_absorbs(graph, second, branch.input, plan):
+        return ctx.fail(refusal)
+    return _emit(ctx, branch.input, composed(plan), layout, second, second.output)
 
 
 _SCALING = ("batch_norm", "mul", "identity", "dropout")
 
 
-def _sum_absorbs(graph: Graph, second: Node, x: Value, fused: KernelForm) -> bool:
+def _sum_absorbs(graph: Graph, second: Node, x: Value, fused: CascadePlan) -> bool:
     """Whether a composed kernel that costs more than its cascade is free after all: the cascade is a branch
     of a sum that also holds a conv of the same input `x`, at the same stride, costing at least as much
     (DBB's 1x1 -> average branch beside its KxK). The parallel merge then absorbs it into that conv."""
@@ -218,7 +218,7 @@ def _sum_absorbs(graph: Graph, second: Node, x: Value, fused: KernelForm) -> boo
     return False
 
 
-def _costly_conv_of(graph: Graph, value: Value, x: Value, fused: KernelForm, depth: int = 16) -> bool:
+def _costly_conv_of(graph: Graph, value: Value, x: Value, fused: CascadePlan, depth: int = 16) -> bool:
     """Whether the sum operand `value` holds (through scalings and nested adds) such a conv."""
     node = value.producer
     if node is None or depth == 0 or graph.external_uses(value) != 1:
