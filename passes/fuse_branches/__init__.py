@@ -27,6 +27,7 @@ from .branch_forms import (CascadePlan, KernelForm, branch_form, cascade_refusal
                            stack_forms, sum_forms)
 from .branch_terms import (SUMS, WEIGHTED, Branch, Layout, Term, classify, expand, find_layout, layout_of, obstacle,
                            unaliased)
+from ..cleanup import drop_zero_addend
 from ..fold_bn import fold_bn_into_conv, fold_bn_into_linear
 
 
@@ -316,8 +317,8 @@ class FuseBranchesPass(Pass):
     options = {"allow_costlier": "also merge when the fused kernel costs more multiply-adds than the branches"}
 
     def __init__(self):
-        self.branch_rules = RulePass(self.name, [fuse_parallel_branches, fuse_concatenated_branches,
-                                                 fuse_linear_cascade])
+        self.branch_rules = RulePass(self.name, [drop_zero_addend, fuse_parallel_branches,
+                                                 fuse_concatenated_branches, fuse_linear_cascade])
         self.bn_rules = RulePass(self.name, [fold_bn_into_conv, fold_bn_into_linear])
 
     def run(self, graph: Graph, options: dict | None = None) -> PassResult:
