@@ -176,7 +176,7 @@ def _concat_refusal(graph, concat, bn) -> str | None:
     return None
 
 
-@rule(concat_bn)
+@rule(concat_bn, allow_shared=True)  # a concat read elsewhere too is refused below, naming the BN's neighbours
 def fold_bn_into_concatenated_convs(ctx, concat, bn):
     """concat of convs (each read only there) -> batch_norm: each slice of the BN folds into its conv (MixNet)."""
     if not all(v.producer is not None and v.producer.kind in ("conv", "conv_transpose") for v in concat.inputs):
