@@ -485,18 +485,23 @@ class FxImporter:
         return None
 
     def _recognize_flattening_view(self, fx_node: fx.Node) -> Value | None:
-        """view / reshape that merges every axis from 1 (or 2) on, batch kept: a `flatten`."""
+        """view / reshape that merges every axis from 1 (or 2) on, batch kept, or merges leading axes: a `flatten`."""
         x = fx_node.args[0] if fx_node.args else None
         in_shape, out_shape = _meta_shape(x), _meta_shape(fx_node)
         if in_shape is None or out_shape is None:
             return None
-        for start in (1, 2):
-            if start < len(in_shape) - 1 and out_shape == in_shape[:start] + (math.prod(in_shape[start:]),):
-                node = Node("flatten", fx_node.name, attrs={"start_dim": start, "end_dim": -1})
-                node.add_input(self.values[x])
-                # No origin: its shape arguments may be computed from sizes, which the IR does not carry,
-                # and a literal channel count would break once channels are removed.
-                return self._finish(node, fx_node)
+        spans = [(start, -1) for start in (1, 2)
+                 if start < len(in_shape) - 1 and out_shape == in_shape[:start] + (math.prod(in_shape[start:]),)]
+        # leading axes merged, the last ones kept: (B, N, C) -> (B * N, C) (LeViT's rows of tokens); only when
+        # no merged axis is 1, where the call could as well be a squeeze whose result differs at other sizes
+        spans += [(0, end) for end in range(1, len(in_shape) - 1)
+                  if out_shape == (math.prod(in_shape[:end + 1]),) + in_shape[end + 1:] and min(in_shape[:end + 1]) > 1]
+        for start, end in spans[:1]:
+            node = Node("flatten", fx_node.name, attrs={"start_dim": start, "end_dim": end})
+            node.add_input(self.values[x])
+            # No origin: its shape arguments may be computed from sizes, which the IR does not carry,
+            # and a literal channel count would break once channels are removed.
+            return self._finish(node, fx_node)
         return None
 
     def _make(self, kind: str, fx_node: fx.Node, operands: list, attrs: dict, params: dict) -> Value:
