@@ -200,3 +200,94 @@ def test_a_costlier_cascade_is_refused_without_composing_it(monkeypatch, channel
     # forced, the same cascade composes, exactly
     forced = check_pass("fuse_branches", model, x, dtype=torch.float64, options={"allow_costlier": True})
     assert forced.max_rel <= 1e-10 and dict(forced.report.nodes_after) == {"conv": 1}
+
+
+# -- cropped branches: ACNet with padding < k // 2 ---------------------------------------------------------
+class CroppedACB(nn.Module):
+    """ACNet's ACBlock with padding p < k // 2: the 1xK / Kx1 branches read the input cropped by k // 2 - p
+    on the axis they do not convolve (ACNet's CropLayer, `input[:, :, :, c:-c]`)."""
+
+    def __init__(self, cin: int, cout: int, k: int, p: int, stride: int, groups: int, seed: int):
+        super().__init__()
+        self.crop = k // 2 - p
+
+        def branch(kernel, padding):
+            return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, padding, groups=groups, bias=False),
+                                 nn.BatchNorm2d(cout))
+
+        self.square, self.ver, self.hor = branch(k, p), branch((k, 1), (p, 0)), branch((1, k), (0, p))
+        randomize_bn(self, seed)
+
+    def forward(self, x):
+        c = self.crop
+        return self.square(x) + self.ver(x[:, :, :, c:-c]) + self.hor(x[:, :, c:-c, :])
+
+
+@settings(max_examples=12, deadline=None)
+@given(k=st.sampled_from([3, 5, 7]), data=st.data(), stride=st.integers(1, 2), groups=st.sampled_from([1, 2]),
+       per_group=st.integers(1, 3), seed=st.integers(0, 999), h=st.integers(8, 11), w=st.integers(8, 11))
+def test_cropped_acnet_branches_fuse_to_one_conv(k, data, stride, groups, per_group, seed, h, w):
+    p = data.draw(st.integers(0, k // 2 - 1))
+    c = groups * per_group
+    model = CroppedACB(c, c, k, p, stride, groups, seed).eval()
+    x = torch.randn(2, c, h, w, generator=torch.Generator().manual_seed(seed))
+    _exact_both(model, x)
+    ops, _ = _ops(model, x)
+    assert ops == {"conv": 1}, ops  # ACNet's own conversion: one KxK conv with padding p
+
+
+class OneSidedCrop(nn.Module):
+    """A crop on one side only, beside an unpadded 3x3: the Kx1 branch is the 3x3's right column."""
+
+    def __init__(self):
+        super().__init__()
+        self.square, self.side = nn.Conv2d(3, 3, 3), nn.Conv2d(3, 3, (3, 1))
+
+    def forward(self, x):
+        return self.square(x) + self.side(x[:, :, :, 2:])
+
+
+def test_a_one_sided_crop_fuses_at_the_edge_of_the_kernel():
+    model = OneSidedCrop().eval()
+    x = torch.randn(1, 3, 7, 8)
+    _exact_both(model, x)
+    assert _ops(model, x)[0] == {"conv": 1}
+
+
+class CropBetweenTaps(nn.Module):
+    """A dilation-2 3x3 beside a Kx1 reading a crop by an odd amount: it would sit between the taps."""
+
+    def __init__(self, crop: tuple[int, int]):
+        super().__init__()
+        self.crop = crop
+        self.square = nn.Conv2d(3, 3, 3, dilation=2)
+        self.side = nn.Conv2d(3, 3, (3, 1), dilation=(2, 1))
+
+    def forward(self, x):
+        a, b = self.crop
+        return self.square(x) + self.side(x[:, :, :, a:-b])
+
+
+def test_a_crop_between_the_taps_of_a_dilated_kernel_is_refused_with_its_reason():
+    x = torch.randn(1, 3, 9, 9)
+    check_pass("fuse_branches", CropBetweenTaps((1, 3)).eval(), x, refuses="between the taps")
+    _exact_both(CropBetweenTaps((2, 2)).eval(), x)  # an even crop sits on the centre tap
+
+
+class SameCrop(nn.Module):
+    """Branches that all read the same crop merge as branches of that crop (the crop stays, the sum goes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        y = x[:, :, 1:-1, :]
+        return self.a(y) + self.b(y)
+
+
+def test_branches_of_one_crop_merge_without_uncropping():
+    model = SameCrop().eval()
+    x = torch.randn(1, 3, 7, 7)
+    _exact_both(model, x)
+    assert _ops(model, x)[0] == {"slice": 1, "conv": 1}

@@ -25,8 +25,8 @@ from rewrite.rule import rule
 
 from .branch_forms import (CascadePlan, KernelForm, branch_form, cascade_refusal, composed, node_form, plan_cascade,
                            stack_forms, sum_forms)
-from .branch_terms import (SUMS, WEIGHTED, Branch, Layout, Term, classify, expand, find_layout, layout_of, obstacle,
-                           unaliased)
+from .branch_terms import (SUMS, WEIGHTED, Branch, Layout, Term, anchor_crops, classify, expand, find_layout,
+                           layout_of, obstacle, unaliased)
 from ..cleanup import drop_zero_addend
 from ..fold_bn import fold_bn_into_conv, fold_bn_into_linear
 
@@ -132,7 +132,7 @@ def fuse_parallel_branches(ctx, add):
         return None
     layout, dtype = found
     expansion = expand(graph, add.output, layout, dtype)
-    branches = [classify(graph, t) for t in expansion.terms]
+    branches = anchor_crops([classify(graph, t, crops=True) for t in expansion.terms])
     groups = _groups(branches)
     mergeable = [g for g in groups if len(g) > 1 and any(b.kind in WEIGHTED for b in g)]
     if not mergeable:
@@ -256,7 +256,9 @@ def fuse_concatenated_branches(ctx, concat):
     for operand in concat.inputs:
         expansion = expand(graph, operand, layout, dtype, through_adds=False, top=False)
         single = len(expansion.terms) == 1 and not expansion.loose
-        parts.append((operand, classify(graph, expansion.terms[0]) if single else None, expansion.shifts))
+        parts.append((operand, classify(graph, expansion.terms[0], crops=True) if single else None, expansion.shifts))
+    anchored = iter(anchor_crops([b for _, b, _ in parts if b is not None]))
+    parts = [(operand, next(anchored) if b is not None else None, shifts) for operand, b, shifts in parts]
     runs: list[list] = []
     for part in parts:
         if runs and part[1] is not None and runs[-1][-1][1] is not None and part[1].input is runs[-1][-1][1].input:

@@ -97,6 +97,9 @@ def branch_form(branch: Branch, layout: Layout, channels: int) -> KernelForm | s
         if branch.kind != layout.family or branch.node.params["weight"].dim() != layout.spatial + 2:
             return f"{branch.node.label} does not lay out channels like the other branches"
         form = node_form(branch.node)
+        if branch.crop is not None:  # a crop of the input is padding taken away: negative until aligned
+            form = replace(form, padding=tuple((pb - cb, pa - ca) for (pb, pa), (cb, ca) in
+                                               zip(form.padding, branch.crop)))
     elif branch.kind == "avg_pool":
         if layout.family != "conv":
             return f"{branch.node.label} pools a value that a linear layer reads on its last axis"
@@ -158,9 +161,13 @@ def align(forms: list[KernelForm]) -> Alignment | str:
         before = max(befores)
         starts = [(before - b) // dil for b in befores]
         extent = max(s + f.kernel[d] for s, f in zip(starts, forms))
+        after = spans[0] + dil * (extent - 1) - before
+        if before < 0 or after < 0:
+            return (f"every branch crops its input on axis {d} (a padding of {(before, after)}): a conv cannot crop: "
+                    f"{_names(forms)}")
         stride.append(strides.pop())
         dilation.append(dil)
-        padding.append((before, spans[0] + dil * (extent - 1) - before))
+        padding.append((before, after))
         size.append(extent)
         for off, s in zip(offsets, starts):
             off.append(s)

@@ -8,7 +8,7 @@ input; anything else is the identity of itself), which is how branches of one in
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -152,13 +152,46 @@ class Branch:
     input: Value  # the value the branch reads (identities and dropouts looked through)
     node: Node | None  # the conv / linear / avg_pool node, None for the identity
     term: Term
+    # a conv reading a spatial crop of `input` (ACNet's x[:, :, :, c:-c]): (before, after) cut per spatial axis
+    crop: tuple[tuple[int, int], ...] | None = None
+    # what a conv reading a crop would read uncropped: (the value under the slices, the crop); see anchor_crops
+    cropped: tuple[Value, tuple[tuple[int, int], ...]] | None = None
 
 
-def classify(graph: Graph, term: Term) -> Branch:
+def classify(graph: Graph, term: Term, crops: bool = False) -> Branch:
+    """The branch a term is. With `crops`, a conv reading spatial slices also says what it crops (`cropped`)."""
     node = term.leaf.producer
     if node is not None and node.kind in BRANCH_KINDS and graph.external_uses(term.leaf) == 1:
-        return Branch(node.kind, unaliased(node.inputs[0]), node, term)
+        read = unaliased(node.inputs[0])
+        cropped = _cropped(read, node.params["weight"].dim() - 2) if crops and node.kind == "conv" else None
+        return Branch(node.kind, read, node, term, cropped=cropped)
     return Branch("identity", unaliased(term.leaf), None, term)
+
+
+def anchor_crops(branches: list[Branch]) -> list[Branch]:
+    """Branches reading crops of a value another branch reads whole read that value, cropped: a crop is a
+    smaller padding, so they can join its sum (ACNet with padding < k // 2). Crops with no such anchor stay
+    as they are: branches of one crop merge as before."""
+    whole = {id(b.input) for b in branches if b.cropped is None}
+    return [replace(b, input=b.cropped[0], crop=b.cropped[1]) if b.cropped is not None and id(b.cropped[0]) in whole
+            else b for b in branches]
+
+
+def _cropped(value: Value, spatial: int) -> tuple[Value, tuple[tuple[int, int], ...]] | None:
+    """The value under a chain of unit-step slices of spatial axes, and how much they cut off each side."""
+    crop = [[0, 0] for _ in range(spatial)]
+    found = False
+    while value.producer is not None and value.producer.kind == "slice":
+        node = value.producer
+        source = node.inputs[0]
+        shape, a = source.shape, node.attrs
+        if shape is None or len(shape) != spatial + 2 or a["step"] != 1 or a["dim"] % len(shape) < 2:
+            break
+        axis = a["dim"] % len(shape) - 2
+        crop[axis][0] += a["start"]
+        crop[axis][1] += shape[a["dim"] % len(shape)] - a["end"]
+        value, found = unaliased(source), True
+    return (value, tuple((b, e) for b, e in crop)) if found else None
 
 
 _LINEAR_KINDS = BRANCH_KINDS + SUMS + ("batch_norm", "mul", "identity", "dropout")
