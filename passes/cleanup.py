@@ -44,6 +44,8 @@ def drop_zero_addend(ctx, add):
     if not zeros or len(rest) != 1:
         return None  # nothing to drop, or a sum of several tensors (its zeros go with the other rules' rewrite)
     if not _keeps_meta(add, rest[0], zeros[0].producer.params["value"]):
+        if rest[0].shape is None and rest[0].dtype is None and add.output.shape is None:
+            return None  # nothing says it is a tensor at all (shape arithmetic, `h - 0`): no site of this rule
         return ctx.fail(f"the zero added by {add.label} may broadcast or promote {rest[0].name} (its shape or dtype "
                         "differs or is unknown: pass example_inputs), so it is kept")
     return rest[0]
