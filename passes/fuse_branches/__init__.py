@@ -319,7 +319,9 @@ class FuseBranchesPass(Pass):
     options = {"allow_costlier": "also merge when the fused kernel costs more multiply-adds than the branches"}
 
     def __init__(self):
-        self.branch_rules = RulePass(self.name, [drop_zero_addend, fuse_parallel_branches,
+        # drop_zero_addend after fuse_parallel_branches: a sum's outer `+ 0` (MobileOne's `out += 0`) is where
+        # the parallel rule reads the whole sum, whose inner adds wait for it
+        self.branch_rules = RulePass(self.name, [fuse_parallel_branches, drop_zero_addend,
                                                  fuse_concatenated_branches, fuse_linear_cascade])
         self.bn_rules = RulePass(self.name, [fold_bn_into_conv, fold_bn_into_linear])
 
