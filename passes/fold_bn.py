@@ -14,7 +14,8 @@ from rewrite.params import (bias_f64, bn_affine, bn_refusal, channel_values, in_
 from rewrite.pass_manager import RulePass, register_pass
 from rewrite.rule import rule
 from rewrite.sites import account_for, neighbours
-from rewrite.patterns import bn_conv, conv_bn, conv_scale, conv_shift, linear_bn
+from rewrite.patterns import (bn_alias_conv, bn_conv, concat_bn, conv_bn, conv_scale, conv_shift, linear_bn,
+                              linear_reshape_bn)
 
 
 def _rebuilt(ctx, conv, x: Value, weight: torch.Tensor, bias: torch.Tensor, like: Value) -> Value:
@@ -82,6 +83,16 @@ def fold_bn_into_linear(ctx, x, linear, bn):
 @rule(bn_conv)
 def fold_bn_before_conv(ctx, x, bn, conv):
     """batch_norm -> conv / linear becomes one conv, when no zero padding sees the BN shift."""
+    return _fold_before(ctx, x, bn, conv)
+
+
+@rule(bn_alias_conv)
+def fold_bn_before_conv_through_dropout(ctx, x, bn, alias, conv):
+    """batch_norm -> inference-mode dropout (or identity) -> conv / linear becomes one (LeViT's NormLinear)."""
+    return _fold_before(ctx, x, bn, conv)
+
+
+def _fold_before(ctx, x, bn, conv):
     why = bn_refusal(bn) or _layout_refusal(conv, bn.output, "before")
     if why:
         return ctx.fail(why)
@@ -95,6 +106,96 @@ def fold_bn_before_conv(ctx, x, bn, conv):
     weight, bias = weight_bias(conv)
     new_bias = bias + input_shift_to_bias(conv, weight, shift)
     return _rebuilt(ctx, conv, x, scale_input_channels(conv, weight, scale), new_bias, conv.output)
+
+
+# Opaque calls that read only the shape of an input (index given): the value behind it may change.
+_SHAPE_ONLY = {("call_method", "reshape_as"): 1, ("call_method", "view_as"): 1, ("call_method", "expand_as"): 1,
+               ("call_method", "size"): 0, ("call_method", "dim"): 0, ("onnx", "Shape"): 0}
+
+
+def _reads_only_shape(node, index: int) -> bool:
+    if node.kind != "opaque":
+        return False
+    form = ("onnx", node.attrs.get("op_type")) if "op_type" in node.attrs else \
+        (node.attrs.get("fx_op"), node.attrs.get("target"))
+    return _SHAPE_ONLY.get(form) == index and not node.attrs.get("domain")
+
+
+def _keeps_channels(linear, reshape) -> str | None:
+    """Why `reshape` of a linear's output is not (rows, C) with each row one output vector of the linear."""
+    before, after = linear.output.shape, reshape.output.shape
+    if before is None or after is None:
+        return (f"{reshape.label} reshapes {linear.label}'s output to a shape unknown here: pass example_inputs "
+                "to fold the batch_norm after it")
+    if len(after) != 2 or after[-1] != before[-1]:
+        return (f"{reshape.label} reshapes {linear.label}'s output {tuple(before)} to {tuple(after)}: batch_norm "
+                "folds through a reshape only to (rows, features) with the features axis kept whole")
+    return None
+
+
+@rule(linear_reshape_bn, allow_shared=True)
+def fold_bn_into_linear_through_reshape(ctx, x, linear, reshape, bn):
+    """linear -> flatten / reshape to (rows, features) -> batch_norm1d becomes linear -> reshape (LeViT)."""
+    why = bn_refusal(bn) or _keeps_channels(linear, reshape)
+    if why:
+        return ctx.fail(why)
+    graph = ctx.graph
+    others = [(u, i) for u, i in linear.output.uses if u is not reshape]
+    if graph.is_output(linear.output) or graph.is_output(reshape.output) or len(reshape.output.uses) != 1 \
+            or not all(_reads_only_shape(u, i) for u, i in others):
+        readers = [u.label for u, i in others if not _reads_only_shape(u, i)] + \
+            [u.label for u in reshape.output.users if u is not bn]
+        return ctx.fail(f"{linear.label}'s output is also read by {', '.join(readers[:3]) or '<graph output>'} "
+                        "(not only for its shape), so the batch_norm cannot move into it")
+    scale, shift = bn_affine(bn)
+    if scale.numel() != out_channels(linear):
+        return ctx.fail(f"{bn.label} has {scale.numel()} channels, {linear.label} outputs {out_channels(linear)}")
+    folded = _rebuilt(ctx, linear, x, scaled_weight(linear, scale), bias_f64(linear) * scale + shift, linear.output)
+    reshaped = ctx.op(reshape.kind, folded, like=bn.output, named_after=reshape, **reshape.attrs)
+    # the shape-only readers (reshape_as(x), x.size()) read the folded linear: same shape
+    return {bn.output: reshaped, linear.output: folded}
+
+
+def _concat_refusal(graph, concat, bn) -> str | None:
+    """Why the batch_norm after `concat` cannot be split into its operands' convs."""
+    rank = _rank(concat.output)
+    dim = concat.attrs["dim"]
+    if rank is None:
+        return f"the rank of {concat.label}'s output is unknown: pass example_inputs to fold {bn.label} into its convs"
+    if dim % rank != 1:
+        return f"{concat.label} concatenates along axis {dim}, not the channel axis batch_norm normalizes"
+    for value in concat.inputs:
+        producer = value.producer
+        if graph.external_uses(value) != 1 or sum(v is value for v in concat.inputs) != 1:
+            return f"{producer.label}'s output is also read elsewhere, so {bn.label}'s slice cannot move into it"
+        why = _layout_refusal(producer, value, "after")
+        if why:
+            return why
+    if graph.external_uses(concat.output) != 1:
+        return f"{concat.label}'s output is also read elsewhere, so {bn.label} cannot move into its convs"
+    return None
+
+
+@rule(concat_bn, allow_shared=True)  # a concat read elsewhere too is refused below, naming the BN's neighbours
+def fold_bn_into_concatenated_convs(ctx, concat, bn):
+    """concat of convs (each read only there) -> batch_norm: each slice of the BN folds into its conv (MixNet)."""
+    if not all(v.producer is not None and v.producer.kind in ("conv", "conv_transpose") for v in concat.inputs):
+        return None  # not a concat of convs (DenseNet's): the pass's account of BNs left says why
+    why = bn_refusal(bn) or _concat_refusal(ctx.graph, concat, bn)
+    if why:
+        source, readers = neighbours(bn)
+        return ctx.fail(f"{bn.label} reads {source} and is read by {readers}: {why}")
+    scale, shift = bn_affine(bn)
+    widths = [out_channels(v.producer) for v in concat.inputs]
+    if sum(widths) != scale.numel():
+        return ctx.fail(f"{bn.label} has {scale.numel()} channels, {concat.label} makes {sum(widths)}")
+    parts, start = [], 0
+    for value, width in zip(concat.inputs, widths):
+        conv, part = value.producer, slice(start, start + width)
+        start += width
+        parts.append(_rebuilt(ctx, conv, conv.inputs[0], scaled_weight(conv, scale[part]),
+                              bias_f64(conv) * scale[part] + shift[part], value))
+    return ctx.op("concat", *parts, like=bn.output, named_after=concat, **concat.attrs)
 
 
 def _channel_vector(conv, out: Value, const: torch.Tensor) -> torch.Tensor | None:
@@ -139,9 +240,11 @@ def _unfoldable(bn) -> str:
     """Why a batch_norm no fold_bn rule matched stays (a BN after a concat, an add or a pool, say)."""
     source, readers = neighbours(bn)
     why = bn_refusal(bn)
+    after_concat = bn.inputs[0].producer is not None and bn.inputs[0].producer.kind == "concat"
     return (f"{why}; " if why else "") + (
         f"{bn.label} reads {source} and is read by {readers}: a batch_norm folds only into a conv, conv_transpose "
-        "or linear whose sole reader it is, or into a conv / linear that alone reads it")
+        "or linear whose sole reader it is, or into a conv / linear that alone reads it") + (
+        " (after a concat, only when every operand is a conv that nothing else reads)" if after_concat else "")
 
 
 class FoldBnPass(RulePass):
@@ -155,6 +258,8 @@ class FoldBnPass(RulePass):
 
 fold_bn = register_pass(FoldBnPass(
     "fold_bn",
-    [fold_bn_into_conv, fold_bn_into_linear, fold_bn_before_conv, fold_scale_into_conv, fold_shift_into_conv],
+    [fold_bn_into_conv, fold_bn_into_linear, fold_bn_into_linear_through_reshape, fold_bn_into_concatenated_convs,
+     fold_bn_before_conv,
+     fold_bn_before_conv_through_dropout, fold_scale_into_conv, fold_shift_into_conv],
     "fold BatchNorm and per-channel constant affines into the adjacent conv / conv_transpose / linear",
 ))

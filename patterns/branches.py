@@ -5,8 +5,8 @@ graph by the rule (passes/branch_terms.py), since a sum may have any number of o
 """
 from rewrite.pattern import P
 
-#: an add of any number of operands; captures add
-parallel_branches = P.op("add", name="add", any_inputs=True)
+#: an add of any number of operands, or a sub (a sum with a negated operand); captures add
+parallel_branches = P.op(("add", "sub"), name="add", any_inputs=True)
 
 #: a concatenation of any number of operands; captures concat
 concatenated_branches = P.op("concat", name="concat", any_inputs=True)

@@ -18,13 +18,27 @@ def describe(node: Node | None) -> str:
     return f"{node.kind} {node.label}"
 
 
+def _alias(node: Node | None) -> bool:
+    """An identity or an inference-mode dropout: it says nothing about what a site really reads."""
+    return node is not None and len(node.inputs) == 1 and (
+        node.kind == "identity" or (node.kind == "dropout" and not node.attrs.get("training")))
+
+
 def neighbours(node: Node) -> tuple[str, str]:
-    """What feeds the node's first input, and what reads its output."""
-    source = describe(node.inputs[0].producer) if node.inputs else "nothing"
-    readers = [describe(u) for u in node.output.users][:3]
-    if node.graph is not None and any(node.output is v for v in node.graph.outputs):
-        readers.append("the graph output")
-    return source, ", ".join(readers) or "nothing"
+    """What feeds the node's first input, and what reads its output (both seen through identities and
+    inference-mode dropouts, as timm's norm-act layers leave them)."""
+    source = node.inputs[0].producer if node.inputs else None
+    while _alias(source):
+        source = source.inputs[0].producer
+    readers, outputs, frontier = [], False, [node]
+    while frontier:
+        current = frontier.pop(0)
+        if current.graph is not None and any(current.output is v for v in current.graph.outputs):
+            outputs = True
+        for user in current.output.users:
+            (frontier if _alias(user) else readers).append(user)
+    text = [describe(u) for u in readers][:3] + (["the graph output"] if outputs else [])
+    return (describe(source) if node.inputs else "nothing"), ", ".join(text) or "nothing"
 
 
 def account_for(graph: Graph, result: PassResult, kinds: Iterable[str], rule: str,

@@ -23,9 +23,11 @@ from rewrite.pass_manager import Pass, PassResult, RulePass, register_pass
 from rewrite.patterns.branches import concatenated_branches, linear_cascade, parallel_branches
 from rewrite.rule import rule
 
-from .branch_forms import KernelForm, branch_form, compose_forms, node_form, stack_forms, sum_forms
-from .branch_terms import (WEIGHTED, Branch, Layout, Term, classify, expand, find_layout, layout_of, obstacle,
-                           unaliased)
+from .branch_forms import (CascadePlan, KernelForm, branch_form, cascade_refusal, composed, node_form, plan_cascade,
+                           stack_forms, sum_forms)
+from .branch_terms import (SUMS, WEIGHTED, Branch, Layout, Term, anchor_crops, classify, expand, find_layout,
+                           layout_of, obstacle, unaliased)
+from ..cleanup import drop_zero_addend
 from ..fold_bn import fold_bn_into_conv, fold_bn_into_linear
 from .hidden_cascades import average_after_conv_as_conv, pad_into_pointwise_conv, pad_into_pointwise_conv_bn
 
@@ -90,7 +92,7 @@ def _feeds_a_sum(graph: Graph, add: Node) -> bool:
     value = add.output
     while len(value.uses) == 1 and not graph.is_output(value):
         reader = value.uses[0][0]
-        if reader.kind == "add":
+        if reader.kind in SUMS:
             return True
         if reader.kind != "identity" and not (reader.kind == "dropout" and not reader.attrs.get("training")):
             return False
@@ -131,7 +133,7 @@ def fuse_parallel_branches(ctx, add):
         return None
     layout, dtype = found
     expansion = expand(graph, add.output, layout, dtype)
-    branches = [classify(graph, t) for t in expansion.terms]
+    branches = anchor_crops([classify(graph, t, crops=True) for t in expansion.terms])
     groups = _groups(branches)
     mergeable = [g for g in groups if len(g) > 1 and any(b.kind in WEIGHTED for b in g)]
     if not mergeable:
@@ -190,41 +192,40 @@ def fuse_linear_cascade(ctx, x, second):
         return ctx.fail(first)
     if expansion.shifts:
         first.bias = first.bias + sum(expansion.shifts)
-    allow = ctx.options.get("allow_costlier", False)
-    fused = compose_forms(first, node_form(second), allow)
-    if isinstance(fused, str) and not allow:
-        wide = compose_forms(first, node_form(second), True)
-        if isinstance(wide, KernelForm) and _sum_absorbs(graph, second, branch.input, wide):
-            fused = wide
-    if isinstance(fused, str):
-        return ctx.fail(fused)
-    return _emit(ctx, branch.input, fused, layout, second, second.output)
+    plan = plan_cascade(first, node_form(second))
+    if isinstance(plan, str):
+        return ctx.fail(plan)
+    # decided from the kernels' sizes, before any float64 composition
+    refusal = cascade_refusal(plan, ctx.options.get("allow_costlier", False))
+    if refusal and not _sum_absorbs(graph, second, branch.input, plan):
+        return ctx.fail(refusal)
+    return _emit(ctx, branch.input, composed(plan), layout, second, second.output)
 
 
 _SCALING = ("batch_norm", "mul", "identity", "dropout")
 
 
-def _sum_absorbs(graph: Graph, second: Node, x: Value, fused: KernelForm) -> bool:
+def _sum_absorbs(graph: Graph, second: Node, x: Value, fused: CascadePlan) -> bool:
     """Whether a composed kernel that costs more than its cascade is free after all: the cascade is a branch
     of a sum that also holds a conv of the same input `x`, at the same stride, costing at least as much
     (DBB's 1x1 -> average branch beside its KxK). The parallel merge then absorbs it into that conv."""
     value = second.output
     while len(value.uses) == 1 and not graph.is_output(value):
         reader = value.uses[0][0]
-        if reader.kind == "add" and any(_costly_conv_of(graph, o, x, fused) for o in reader.inputs if o is not value):
+        if reader.kind in SUMS and any(_costly_conv_of(graph, o, x, fused) for o in reader.inputs if o is not value):
             return True
-        if reader.kind not in _SCALING + ("add",):
+        if reader.kind not in _SCALING + SUMS:
             return False
         value = reader.output
     return False
 
 
-def _costly_conv_of(graph: Graph, value: Value, x: Value, fused: KernelForm, depth: int = 16) -> bool:
+def _costly_conv_of(graph: Graph, value: Value, x: Value, fused: CascadePlan, depth: int = 16) -> bool:
     """Whether the sum operand `value` holds (through scalings and nested adds) such a conv."""
     node = value.producer
     if node is None or depth == 0 or graph.external_uses(value) != 1:
         return False
-    if node.kind in _SCALING + ("add",):
+    if node.kind in _SCALING + SUMS:
         return any(_costly_conv_of(graph, i, x, fused, depth - 1) for i in node.inputs)
     return node.kind == "conv" and unaliased(node.inputs[0]) is x and \
         tuple(node.attrs["stride"]) == fused.stride and node.params["weight"].numel() >= fused.macs
@@ -256,7 +257,9 @@ def fuse_concatenated_branches(ctx, concat):
     for operand in concat.inputs:
         expansion = expand(graph, operand, layout, dtype, through_adds=False, top=False)
         single = len(expansion.terms) == 1 and not expansion.loose
-        parts.append((operand, classify(graph, expansion.terms[0]) if single else None, expansion.shifts))
+        parts.append((operand, classify(graph, expansion.terms[0], crops=True) if single else None, expansion.shifts))
+    anchored = iter(anchor_crops([b for _, b, _ in parts if b is not None]))
+    parts = [(operand, next(anchored) if b is not None else None, shifts) for operand, b, shifts in parts]
     runs: list[list] = []
     for part in parts:
         if runs and part[1] is not None and runs[-1][-1][1] is not None and part[1].input is runs[-1][-1][1].input:
@@ -317,8 +320,10 @@ class FuseBranchesPass(Pass):
     options = {"allow_costlier": "also merge when the fused kernel costs more multiply-adds than the branches"}
 
     def __init__(self):
-        self.branch_rules = RulePass(self.name, [fuse_parallel_branches, fuse_concatenated_branches,
-                                                 fuse_linear_cascade])
+        # drop_zero_addend after fuse_parallel_branches: a sum's outer `+ 0` (MobileOne's `out += 0`) is where
+        # the parallel rule reads the whole sum, whose inner adds wait for it
+        self.branch_rules = RulePass(self.name, [fuse_parallel_branches, drop_zero_addend,
+                                                 fuse_concatenated_branches, fuse_linear_cascade])
         self.bn_rules = RulePass(self.name, [fold_bn_into_conv, fold_bn_into_linear])
         # first, so the cascades a padded border hid (DBB's BN-and-pad) are there for the branch rules
         self.border_rules = RulePass(self.name, [pad_into_pointwise_conv_bn, pad_into_pointwise_conv,

@@ -3,7 +3,8 @@
 - `sum_forms`: parallel branches of one input added together become one kernel. Each branch is
   placed inside a common kernel so that every tap reads the same input position it read before.
 - `stack_forms`: branches of one input concatenated on channels become one kernel with stacked rows.
-- `compose_forms`: a conv applied to another conv's output becomes one conv.
+- `plan_cascade` / `composed`: a conv applied to another conv's output becomes one conv; the plan says
+  where the taps go and what the result costs, so a costly cascade is refused before any kernel is composed.
 
 Each returns a KernelForm, or a string saying why the merge would not be exact (or would make
 the model costlier, unless allowed). A linear layer is the case with no spatial dims.
@@ -96,6 +97,9 @@ def branch_form(branch: Branch, layout: Layout, channels: int) -> KernelForm | s
         if branch.kind != layout.family or branch.node.params["weight"].dim() != layout.spatial + 2:
             return f"{branch.node.label} does not lay out channels like the other branches"
         form = node_form(branch.node)
+        if branch.crop is not None:  # a crop of the input is padding taken away: negative until aligned
+            form = replace(form, padding=tuple((pb - cb, pa - ca) for (pb, pa), (cb, ca) in
+                                               zip(form.padding, branch.crop)))
     elif branch.kind == "avg_pool":
         if layout.family != "conv":
             return f"{branch.node.label} pools a value that a linear layer reads on its last axis"
@@ -157,19 +161,23 @@ def align(forms: list[KernelForm]) -> Alignment | str:
         before = max(befores)
         starts = [(before - b) // dil for b in befores]
         extent = max(s + f.kernel[d] for s, f in zip(starts, forms))
+        after = spans[0] + dil * (extent - 1) - before
+        if before < 0 or after < 0:
+            return (f"every branch crops its input on axis {d} (a padding of {(before, after)}): a conv cannot crop: "
+                    f"{_names(forms)}")
         stride.append(strides.pop())
         dilation.append(dil)
-        padding.append((before, spans[0] + dil * (extent - 1) - before))
+        padding.append((before, after))
         size.append(extent)
         for off, s in zip(offsets, starts):
             off.append(s)
     return Alignment(tuple(stride), tuple(dilation), tuple(padding), mode, tuple(size), [tuple(o) for o in offsets])
 
 
-def _costlier(fused: KernelForm, before: int, allow: bool, what: str) -> str | None:
-    if allow or fused.macs <= before:
+def _costlier(macs: int, before: int, allow: bool, what: str) -> str | None:
+    if allow or macs <= before:
         return None
-    return (f"{what} would cost {fused.macs} multiply-adds per output position instead of {before} "
+    return (f"{what} would cost {macs} multiply-adds per output position instead of {before} "
             "(a larger or denser kernel); pass options={'fuse_branches': {'allow_costlier': True}} to fuse anyway")
 
 
@@ -181,14 +189,16 @@ def sum_forms(forms: list[KernelForm], allow_costlier: bool = False) -> KernelFo
     if isinstance(grid, str):
         return grid
     groups = math.gcd(*(f.groups for f in forms))
-    weight = torch.zeros(forms[0].out_channels, forms[0].in_channels // groups, *grid.size, dtype=torch.float64)
+    shape = (forms[0].out_channels, forms[0].in_channels // groups, *grid.size)
+    refusal = _costlier(math.prod(shape), sum(f.macs for f in forms), allow_costlier, "the merged kernel")
+    if refusal:
+        return refusal
+    weight = torch.zeros(shape, dtype=torch.float64)
     for f, off in zip(forms, grid.offsets):
         accumulate(weight, groups, f.weight, f.groups, off)
     bias = torch.stack([f.bias for f in forms]).sum(0)
-    fused = KernelForm(weight, bias, groups, grid.stride, grid.dilation, grid.padding, grid.padding_mode,
-                       forms[0].source)
-    refusal = _costlier(fused, sum(f.macs for f in forms), allow_costlier, "the merged kernel")
-    return refusal or fused
+    return KernelForm(weight, bias, groups, grid.stride, grid.dilation, grid.padding, grid.padding_mode,
+                      forms[0].source)
 
 
 def stack_forms(forms: list[KernelForm], allow_costlier: bool = False) -> KernelForm | str:
@@ -198,15 +208,44 @@ def stack_forms(forms: list[KernelForm], allow_costlier: bool = False) -> Kernel
     grid = align(forms)
     if isinstance(grid, str):
         return grid
+    macs = sum(f.out_channels for f in forms) * forms[0].in_channels * math.prod(grid.size)
+    refusal = _costlier(macs, sum(f.macs for f in forms), allow_costlier, "the stacked kernel")
+    if refusal:
+        return refusal
     weight = torch.cat([regroup(embed(f.weight, grid.size, off), f.groups, 1) for f, off in zip(forms, grid.offsets)])
-    fused = KernelForm(weight, torch.cat([f.bias for f in forms]), 1, grid.stride, grid.dilation, grid.padding,
-                       grid.padding_mode, forms[0].source)
-    refusal = _costlier(fused, sum(f.macs for f in forms), allow_costlier, "the stacked kernel")
-    return refusal or fused
+    return KernelForm(weight, torch.cat([f.bias for f in forms]), 1, grid.stride, grid.dilation, grid.padding,
+                      grid.padding_mode, forms[0].source)
 
 
-def compose_forms(first: KernelForm, second: KernelForm, allow_costlier: bool = False) -> KernelForm | str:
-    """`second` applied to the output of `first`, as one kernel."""
+@dataclass
+class CascadePlan:
+    """Where `second` applied after `first` puts its taps, known before any kernel arithmetic, so the
+    cost of the composed kernel is decided from the kernels' sizes alone (a refused 7x7 depthwise ->
+    dense 1x1 with 384 channels would otherwise compose a 384 x 384 x 7 x 7 kernel in float64 first)."""
+
+    first: KernelForm
+    second: KernelForm
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    padding: tuple[tuple[int, int], ...]
+    size: tuple[int, ...]
+    second_steps: tuple[int, ...]
+    first_steps: tuple[int, ...]
+    groups: int
+
+    @property
+    def macs(self) -> int:
+        """Multiply-adds per output position of the composed kernel."""
+        return self.second.out_channels * (self.first.in_channels // self.groups) * math.prod(self.size)
+
+    @property
+    def macs_before(self) -> int:
+        """Those of the cascade: the first runs once per position the second reads."""
+        return self.second.macs + self.first.macs * math.prod(self.second.stride)
+
+
+def plan_cascade(first: KernelForm, second: KernelForm) -> CascadePlan | str:
+    """The geometry of `second` applied to the output of `first`, or why it is not one conv."""
     if first.out_channels != second.in_channels:
         return f"{second.source} reads {second.in_channels} channels, {first.source} makes {first.out_channels}"
     why = _padding_breaks_cascade(first, second)
@@ -226,16 +265,24 @@ def compose_forms(first: KernelForm, second: KernelForm, allow_costlier: bool = 
         size.append((k2 - 1) * step2 + (k1 - 1) * step1 + 1)
         second_steps.append(step2)
         first_steps.append(step1)
-    groups = math.gcd(first.groups, second.groups)
+    return CascadePlan(first, second, tuple(stride), tuple(dilation), tuple(padding), tuple(size),
+                       tuple(second_steps), tuple(first_steps), math.gcd(first.groups, second.groups))
+
+
+def cascade_refusal(plan: CascadePlan, allow_costlier: bool = False) -> str | None:
+    """Why the planned composition is not made on cost grounds (None: it is cheap enough, or allowed)."""
+    return _costlier(plan.macs, plan.macs_before, allow_costlier, "the composed kernel")
+
+
+def composed(plan: CascadePlan) -> KernelForm:
+    """The kernel of a planned cascade (float64 arithmetic: call it once the plan is accepted)."""
+    first, second, groups = plan.first, plan.second, plan.groups
     outer = regroup(second.weight, second.groups, groups)
-    weight = compose(outer, regroup(first.weight, first.groups, groups), groups, tuple(size),
-                     tuple(second_steps), tuple(first_steps))
+    weight = compose(outer, regroup(first.weight, first.groups, groups), groups, plan.size,
+                     plan.second_steps, plan.first_steps)
     bias = second.bias + bias_through(outer, groups, first.bias)
     mode = first.padding_mode if first.padded else "zeros"
-    fused = KernelForm(weight, bias, groups, tuple(stride), tuple(dilation), tuple(padding), mode, second.source)
-    first_runs = first.macs * math.prod(second.stride)  # the first runs once per position the second reads
-    refusal = _costlier(fused, second.macs + first_runs, allow_costlier, "the composed kernel")
-    return refusal or fused
+    return KernelForm(weight, bias, groups, plan.stride, plan.dilation, plan.padding, mode, second.source)
 
 
 def _padding_breaks_cascade(first: KernelForm, second: KernelForm) -> str | None:

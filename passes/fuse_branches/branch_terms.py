@@ -8,7 +8,7 @@ input; anything else is the identity of itself), which is how branches of one in
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -16,6 +16,8 @@ from rewrite.ir import Graph, Node, Value
 from rewrite.params import bn_affine, bn_refusal, channel_values
 
 WEIGHTED = ("conv", "linear")
+SUMS = ("add", "sub")  # a sub is a sum whose second operand has the sign -1
+_MINUS_ONE = torch.tensor(-1.0, dtype=torch.float64)
 BRANCH_KINDS = WEIGHTED + ("avg_pool",)
 
 
@@ -58,7 +60,7 @@ def find_layout(value: Value, depth: int = 16) -> tuple[Layout, torch.dtype] | N
             continue
         if node.kind in WEIGHTED:
             return layout_of(node, rank), node.params["weight"].dtype
-        if node.kind in ("add", "mul", "batch_norm", "identity", "dropout"):
+        if node.kind in SUMS + ("mul", "batch_norm", "identity", "dropout"):
             stack.extend((i, d + 1) for i in node.inputs)
     return None
 
@@ -97,16 +99,17 @@ def expand(graph: Graph, value: Value, layout: Layout, dtype: torch.dtype | None
             out.terms.append(Term(v, scale))
             return
         kind = node.kind
-        if kind == "add" and (through_adds or top) and _walkable_add(node, layout, dtype, scale):
-            for operand in node.inputs:
+        if kind in SUMS and (through_adds or top) and _walkable_add(node, layout, dtype, scale):
+            for i, operand in enumerate(node.inputs):
+                signed = times(scale, _MINUS_ONE) if kind == "sub" and i == 1 else scale
                 if is_constant(operand):
                     vector = channel_vector(operand.producer.params["value"], layout, dtype)
-                    if vector is None:
+                    if vector is None:  # only unscaled (see _walkable_add): stays an operand as it is
                         out.loose.append(operand)
                     else:
-                        out.shifts.append(times(scale, vector))
+                        out.shifts.append(times(signed, vector))
                 else:
-                    walk(operand, scale, False)
+                    walk(operand, signed, False)
             return
         if kind == "mul" and len(node.inputs) == 2 and sum(map(is_constant, node.inputs)) == 1:
             const, other = sorted(node.inputs, key=lambda i: not is_constant(i))
@@ -129,11 +132,11 @@ def expand(graph: Graph, value: Value, layout: Layout, dtype: torch.dtype | None
 
 
 def _walkable_add(node: Node, layout: Layout, dtype, scale) -> bool:
-    """An add can be split into terms unless a constant operand that is not per channel would be scaled."""
-    if scale is None:
-        return True
+    """An add or sub can be split into terms unless a constant operand that is not per channel would be
+    scaled (a subtracted one is scaled by -1)."""
+    scaled = [i for k, i in enumerate(node.inputs) if scale is not None or (node.kind == "sub" and k == 1)]
     return all(channel_vector(i.producer.params["value"], layout, dtype) is not None
-               for i in node.inputs if is_constant(i))
+               for i in scaled if is_constant(i))
 
 
 def _bn_on_channels(layout: Layout) -> bool:
@@ -149,16 +152,49 @@ class Branch:
     input: Value  # the value the branch reads (identities and dropouts looked through)
     node: Node | None  # the conv / linear / avg_pool node, None for the identity
     term: Term
+    # a conv reading a spatial crop of `input` (ACNet's x[:, :, :, c:-c]): (before, after) cut per spatial axis
+    crop: tuple[tuple[int, int], ...] | None = None
+    # what a conv reading a crop would read uncropped: (the value under the slices, the crop); see anchor_crops
+    cropped: tuple[Value, tuple[tuple[int, int], ...]] | None = None
 
 
-def classify(graph: Graph, term: Term) -> Branch:
+def classify(graph: Graph, term: Term, crops: bool = False) -> Branch:
+    """The branch a term is. With `crops`, a conv reading spatial slices also says what it crops (`cropped`)."""
     node = term.leaf.producer
     if node is not None and node.kind in BRANCH_KINDS and graph.external_uses(term.leaf) == 1:
-        return Branch(node.kind, unaliased(node.inputs[0]), node, term)
+        read = unaliased(node.inputs[0])
+        cropped = _cropped(read, node.params["weight"].dim() - 2) if crops and node.kind == "conv" else None
+        return Branch(node.kind, read, node, term, cropped=cropped)
     return Branch("identity", unaliased(term.leaf), None, term)
 
 
-_LINEAR_KINDS = BRANCH_KINDS + ("batch_norm", "mul", "add", "identity", "dropout")
+def anchor_crops(branches: list[Branch]) -> list[Branch]:
+    """Branches reading crops of a value another branch reads whole read that value, cropped: a crop is a
+    smaller padding, so they can join its sum (ACNet with padding < k // 2). Crops with no such anchor stay
+    as they are: branches of one crop merge as before."""
+    whole = {id(b.input) for b in branches if b.cropped is None}
+    return [replace(b, input=b.cropped[0], crop=b.cropped[1]) if b.cropped is not None and id(b.cropped[0]) in whole
+            else b for b in branches]
+
+
+def _cropped(value: Value, spatial: int) -> tuple[Value, tuple[tuple[int, int], ...]] | None:
+    """The value under a chain of unit-step slices of spatial axes, and how much they cut off each side."""
+    crop = [[0, 0] for _ in range(spatial)]
+    found = False
+    while value.producer is not None and value.producer.kind == "slice":
+        node = value.producer
+        source = node.inputs[0]
+        shape, a = source.shape, node.attrs
+        if shape is None or len(shape) != spatial + 2 or a["step"] != 1 or a["dim"] % len(shape) < 2:
+            break
+        axis = a["dim"] % len(shape) - 2
+        crop[axis][0] += a["start"]
+        crop[axis][1] += shape[a["dim"] % len(shape)] - a["end"]
+        value, found = unaliased(source), True
+    return (value, tuple((b, e) for b, e in crop)) if found else None
+
+
+_LINEAR_KINDS = BRANCH_KINDS + SUMS + ("batch_norm", "mul", "identity", "dropout")
 
 
 def obstacle(graph: Graph, leaf: Value, inputs: set[int]) -> str | None:

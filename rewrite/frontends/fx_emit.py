@@ -423,6 +423,7 @@ _EMITTERS: dict[str, Callable] = {
     "batch_norm": _emit_batch_norm,
     "add": _emit_chain(operator.add),
     "mul": _emit_chain(operator.mul),
+    "sub": lambda e, n, i: e.call(operator.sub, i[0], i[1]),
     "relu": lambda e, n, i: e.call(torch.relu, i[0]),
     "clamp": _emit_clamp,
     "identity": lambda e, n, i: i[0],

@@ -196,6 +196,7 @@ _FUNCTIONS: dict[Any, tuple[str, Callable]] = {
     torch.clamp: ("clamp", _sig_clamp), torch.clip: ("clamp", _sig_clamp),
     operator.add: ("add", _sig_binary), torch.add: ("add", _sig_binary),
     operator.mul: ("mul", _sig_binary), torch.mul: ("mul", _sig_binary),
+    operator.sub: ("sub", _sig_binary), torch.sub: ("sub", _sig_binary),
     torch.cat: ("concat", _sig_cat), torch.concat: ("concat", _sig_cat),
     torch.flatten: ("flatten", _sig_flatten),
     F.dropout: ("dropout", _sig_dropout),
@@ -206,7 +207,7 @@ _FUNCTIONS: dict[Any, tuple[str, Callable]] = {
     F.max_pool3d: ("max_pool", _sig_max_pool),
 }
 _METHODS: dict[str, tuple[str, Callable]] = {
-    "add": ("add", _sig_binary), "mul": ("mul", _sig_binary), "relu": ("relu", _sig_unary),
+    "add": ("add", _sig_binary), "mul": ("mul", _sig_binary), "sub": ("sub", _sig_binary), "relu": ("relu", _sig_unary),
     "flatten": ("flatten", _sig_flatten), "clamp": ("clamp", _sig_clamp),
 }
 
@@ -407,7 +408,7 @@ class FxImporter:
                 attrs = pool_attrs(a["kernel_size"], a["stride"], a["padding"], dims, ceil_mode=bool(a["ceil_mode"]),
                                    dilation=_tuple(a["dilation"], dims))
             return self._make(kind, fx_node, [x], attrs, {})
-        if kind in ("add", "mul"):
+        if kind in ("add", "mul", "sub"):
             if a.get("alpha", 1) != 1:
                 return None
             operands = [a["input"], a["other"]]
@@ -519,18 +520,23 @@ class FxImporter:
         return None
 
     def _recognize_flattening_view(self, fx_node: fx.Node) -> Value | None:
-        """view / reshape that merges every axis from 1 (or 2) on, batch kept: a `flatten`."""
+        """view / reshape that merges every axis from 1 (or 2) on, batch kept, or merges leading axes: a `flatten`."""
         x = fx_node.args[0] if fx_node.args else None
         in_shape, out_shape = _meta_shape(x), _meta_shape(fx_node)
         if in_shape is None or out_shape is None:
             return None
-        for start in (1, 2):
-            if start < len(in_shape) - 1 and out_shape == in_shape[:start] + (math.prod(in_shape[start:]),):
-                node = Node("flatten", fx_node.name, attrs={"start_dim": start, "end_dim": -1})
-                node.add_input(self.values[x])
-                # No origin: its shape arguments may be computed from sizes, which the IR does not carry,
-                # and a literal channel count would break once channels are removed.
-                return self._finish(node, fx_node)
+        spans = [(start, -1) for start in (1, 2)
+                 if start < len(in_shape) - 1 and out_shape == in_shape[:start] + (math.prod(in_shape[start:]),)]
+        # leading axes merged, the last ones kept: (B, N, C) -> (B * N, C) (LeViT's rows of tokens); only when
+        # no merged axis is 1, where the call could as well be a squeeze whose result differs at other sizes
+        spans += [(0, end) for end in range(1, len(in_shape) - 1)
+                  if out_shape == (math.prod(in_shape[:end + 1]),) + in_shape[end + 1:] and min(in_shape[:end + 1]) > 1]
+        for start, end in spans[:1]:
+            node = Node("flatten", fx_node.name, attrs={"start_dim": start, "end_dim": end})
+            node.add_input(self.values[x])
+            # No origin: its shape arguments may be computed from sizes, which the IR does not carry,
+            # and a literal channel count would break once channels are removed.
+            return self._finish(node, fx_node)
         return None
 
     def _make(self, kind: str, fx_node: fx.Node, operands: list, attrs: dict, params: dict) -> Value:

@@ -430,6 +430,7 @@ EMITTERS: dict[str, Callable] = {
     "batch_norm": _emit_batch_norm,
     "add": _emit_chain("Add"),
     "mul": _emit_chain("Mul"),
+    "sub": lambda e, n, i, o: e.op(n, "Sub", i, o),
     "relu": lambda e, n, i, o: e.op(n, "Relu", i, o),
     "clamp": _emit_clamp,
     "identity": lambda e, n, i, o: e.op(n, "Identity", i, o),

@@ -451,6 +451,17 @@ def _inverted(kind: str, invert: Callable[[torch.Tensor], torch.Tensor | None]):
     return handler
 
 
+def _first_of(*handlers):
+    """The first handler that recognizes the node (x - c as an add of -c, else a plain sub)."""
+    def handler(imp, gs_node, proto) -> Node | None:
+        for h in handlers:
+            node = h(imp, gs_node, proto)
+            if node is not None:
+                return node
+        return None
+    return handler
+
+
 def _exact_reciprocal(c: torch.Tensor) -> torch.Tensor | None:
     """1/c when every element is a power of two, so x * (1/c) rounds exactly like x / c."""
     mantissa, _ = torch.frexp(c.double())
@@ -617,7 +628,7 @@ HANDLERS: dict[str, Callable] = {
     "BatchNormalization": _batch_norm,
     "Gemm": _gemm, "MatMul": _matmul,
     "Add": _binary("add"), "Mul": _binary("mul"),
-    "Sub": _inverted("add", lambda c: -c),
+    "Sub": _first_of(_inverted("add", lambda c: -c), _binary("sub")),
     "Div": _inverted("mul", _exact_reciprocal),
     "Relu": _unary("relu"),
     "Clip": _clip,

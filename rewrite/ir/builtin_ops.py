@@ -7,6 +7,8 @@ per-channel tensors (clamp bounds, pad values, PReLU slopes) are broadcastable t
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -108,3 +110,8 @@ define_op("stochastic_depth", attrs={"p": attr(float), "mode": attr(str, choices
                                      "training": attr(bool, True)},
           fx=[stochastic_depth, "torchvision.ops.stochastic_depth.stochastic_depth", "torchvision.ops.stochastic_depth.StochasticDepth"],
           description="drops whole rows (or the batch) at random in training; the identity otherwise")
+
+
+# -- issue 11, branch fusion and BN folding reach: subtraction (FastViT's RepMixer, EfficientViM) -------
+define_op("sub", inputs=("x", "other"), onnx="Sub", fx=[operator.sub, torch.sub, "sub"],
+          description="x - other (broadcasting); a sum of branches reads it as x + (-1) * other")
