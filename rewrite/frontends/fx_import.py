@@ -5,6 +5,7 @@ references to the IR node's inputs. The backend re-emits untouched nodes from it
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import operator
@@ -177,6 +178,12 @@ def _sig_adaptive(input, output_size): ...
 def _sig_pad(input, pad, mode="constant", value=None): ...
 
 
+@functools.lru_cache(maxsize=None)
+def _signature(stand_in: Callable) -> inspect.Signature:
+    """The signature of a stand-in above, built once (inspect.signature rebuilds it on every call)."""
+    return inspect.signature(stand_in)
+
+
 _FUNCTIONS: dict[Any, tuple[str, Callable]] = {
     F.conv1d: ("conv", _sig_conv), F.conv2d: ("conv", _sig_conv), F.conv3d: ("conv", _sig_conv),
     F.conv_transpose1d: ("conv_transpose", _sig_conv_t), F.conv_transpose2d: ("conv_transpose", _sig_conv_t),
@@ -312,7 +319,7 @@ class FxImporter:
         else:
             return self._call_form(fx_node)
         try:
-            bound = inspect.signature(sig).bind(*fx_node.args, **fx_node.kwargs)
+            bound = _signature(sig).bind(*fx_node.args, **fx_node.kwargs)
         except TypeError:
             return None
         bound.apply_defaults()
@@ -428,7 +435,7 @@ class FxImporter:
 
     def _recognize_pad(self, fx_node: fx.Node) -> Value | None:
         try:
-            bound = inspect.signature(_sig_pad).bind(*fx_node.args, **fx_node.kwargs)
+            bound = _signature(_sig_pad).bind(*fx_node.args, **fx_node.kwargs)
         except TypeError:
             return None
         bound.apply_defaults()
