@@ -4,6 +4,7 @@
     python benchmarks/run_all.py --quick      # best of 2
     python benchmarks/run_all.py --zoo        # also the other timm re-parameterizable families
     python benchmarks/run_all.py --only fold_bn,fuse_branches
+    python benchmarks/run_all.py --cpu-time   # CPU time, steadier when the machine is oversubscribed
 
 One process, one torch thread, each pair measured in alternation (common.paired_best) so that
 load from other work on the machine hits both tools alike. Needs the bench extra
@@ -21,6 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import rewrite  # noqa: E402
+import common  # noqa: E402
 from common import best_time, paired_best  # noqa: E402
 from rewrite.testing import randomize_bn  # noqa: E402
 
@@ -123,6 +125,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="best of 2 instead of 5")
     parser.add_argument("--zoo", action="store_true", help=f"also fuse_branches on {', '.join(ZOO_MODELS)}")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time with this process's CPU time instead of wall time (a shared, oversubscribed machine)")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
     args = parser.parse_args()
     only = args.only.split(",")
@@ -130,11 +134,12 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
     torch.set_num_threads(1)
+    common.use_cpu_clock(args.cpu_time)
     repeat = 2 if args.quick else 5
     load = os.getloadavg()
     print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, load {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; torch {torch.__version__}, "
-          f"1 thread, best of {repeat}, alternating\n")
+          f"1 thread, best of {repeat}, alternating, {'CPU' if args.cpu_time else 'wall'} time\n")
     print("| job | peer | ours | peer | ours / peer | goal | |")
     print("|---|---|---|---|---|---|---|")
     scaling = None
