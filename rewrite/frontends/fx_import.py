@@ -220,7 +220,10 @@ class FxImporter:
 
     # The import proper --------------------------------------------------------------------
     def run(self) -> Graph:
+        skipped = _assertion_only(self.fx_graph)
         for fx_node in self.fx_graph.nodes:
+            if fx_node in skipped:
+                continue
             if fx_node.op == "placeholder":
                 default = fx_node.args[0] if fx_node.args else inspect.Parameter.empty
                 self.placeholders.append((fx_node.target, default))
@@ -551,6 +554,21 @@ _PURE_FUNCTIONS = {getattr, operator.getitem, operator.eq, operator.ne, operator
                    operator.gt, operator.ge, operator.floordiv, operator.truediv, operator.sub}
 _PURE_METHODS = {"size", "dim", "view", "reshape", "permute", "transpose", "contiguous", "mean", "sigmoid",
                  "chunk", "split", "expand", "expand_as", "softmax", "squeeze", "unsqueeze", "t"}
+
+
+def _assertion_only(fx_graph: fx.Graph) -> set[fx.Node]:
+    """Traced shape checks (timm's `_assert(x.ndim == 4)`) and the pure calls that only feed them.
+
+    The import drops the checks, so the calls feeding them would be built only to be erased as dead
+    code: about one node in six of a timm model, skipped here instead.
+    """
+    skipped: set[fx.Node] = set()
+    for node in reversed(fx_graph.nodes):
+        if node.op == "call_function" and node.target is torch._assert:
+            skipped.add(node)
+        elif node.users and node.op != "get_attr" and _is_pure_call(node) and all(u in skipped for u in node.users):
+            skipped.add(node)
+    return skipped
 
 
 def _is_pure_call(fx_node: fx.Node) -> bool:
