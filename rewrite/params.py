@@ -33,16 +33,18 @@ def _too_large(dtype: torch.dtype) -> float | None:
 
 
 def check_parameter(t: torch.Tensor, dtype: torch.dtype, what: str, allow_infinite: bool = False,
-                    source: torch.Tensor | None = None) -> None:
+                    source: torch.Tensor | None = None) -> float | None:
     """Raise NonFiniteError (the driver refuses the site) if `t` is NaN, inf or within 2**32 of `dtype`'s
-    range. With `allow_infinite`, values that are +-inf in `source` on purpose (open clamp bounds) pass."""
+    range. With `allow_infinite`, values that are +-inf in `source` on purpose (open clamp bounds) pass.
+
+    Returns the largest magnitude in `t` when every value is finite (None for an empty or integer `t`)."""
     if not t.is_floating_point() or not t.numel():
-        return
+        return None
     limit = _too_large(dtype)
     low, high = torch.aminmax(t.detach())  # one pass; NaN propagates, so a NaN makes `peak` NaN
     peak = max(-float(low), float(high))
     if math.isfinite(peak) and (limit is None or peak <= limit):
-        return  # the common case, decided without a copy of the tensor
+        return peak  # the common case, decided without a copy of the tensor
     bad = ~torch.isfinite(t)
     if allow_infinite and source is not None:
         bad &= ~torch.isinf(source.detach().to(t.device))
@@ -55,6 +57,7 @@ def check_parameter(t: torch.Tensor, dtype: torch.dtype, what: str, allow_infini
         raise NonFiniteError(f"{what} holds a value of magnitude {finite_max:.3g}, within 2^32 of "
                              f"{str(dtype).replace('torch.', '')}'s largest: activations would overflow in one "
                              "model and not the other; the site was left as it was")
+    return None
 
 
 def cast_like(t: torch.Tensor, like: torch.Tensor, allow_infinite: bool = False) -> torch.Tensor:
@@ -78,13 +81,26 @@ def scaled_weight(node: Node, scale: torch.Tensor) -> torch.Tensor:
     float64 round trip of every weight); fp16/bf16 weights are multiplied in float64 and rounded once.
     """
     weight = node.params["weight"].detach()
-    check_parameter(weight, weight.dtype, f"the weight of {node.label}")
+    peak = check_parameter(weight, weight.dtype, f"the weight of {node.label}")
     if weight.dtype in (torch.float32, torch.float64):
         work = weight.cpu()
-        out = scale_output_channels(node, work, scale.to(work.dtype))
-        check_parameter(out, out.dtype, "the rewritten weight")
+        factors = scale.to(work.dtype)
+        out = scale_output_channels(node, work, factors)
+        if not _product_in_range(peak, factors, out.dtype):
+            check_parameter(out, out.dtype, "the rewritten weight")
         return out.to(weight.device)
     return cast_like(scale_output_channels(node, f64(weight), scale), weight)
+
+
+def _product_in_range(peak: float | None, factors: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Is every product of a value of magnitude <= `peak` and one of `factors` surely finite and below the
+    overflow margin of `dtype`? Then checking the product would find nothing, and its pass over the
+    tensor is skipped. A rounded product is at most (1 + 2^-24) times the exact one; 2^-20 covers it."""
+    limit = _too_large(dtype)
+    if peak is None or limit is None or not factors.numel():
+        return False
+    bound = peak * float(factors.abs().max()) * (1 + 2.0**-20)
+    return math.isfinite(bound) and bound <= limit
 
 
 def bn_affine(bn: Node) -> tuple[torch.Tensor, torch.Tensor]:

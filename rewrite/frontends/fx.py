@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from ..errors import RewriteError
 from ..ir import Graph
@@ -29,8 +28,16 @@ def preserved_buffers(module: torch.nn.Module):
                 buffer.copy_(copy)
 
 
+class TensorShape(NamedTuple):
+    """What the import reads of a traced tensor. torch's TensorMetadata also finds the memory format,
+    trying each in turn: about 90 us a node, 15 ms on a ResNet-50, all unread."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+
+
 class _ShapeRecorder(fx.Interpreter):
-    """Runs the traced graph once and records each tensor's shape and dtype in node.meta.
+    """Runs the traced graph once and records each tensor's shape and dtype in node.meta["tensor_meta"].
 
     (torch's ShapeProp does the same but prints a traceback of its own when the model fails.)
     """
@@ -48,9 +55,9 @@ class _ShapeRecorder(fx.Interpreter):
                     f"the model does not run on the example inputs: {type(exc).__name__}: {cause}", where=place)
             raise
         if isinstance(result, torch.Tensor):
-            n.meta["tensor_meta"] = _extract_tensor_metadata(result)
+            n.meta["tensor_meta"] = TensorShape(result.shape, result.dtype)
         elif isinstance(result, (tuple, list)) and result and all(isinstance(r, torch.Tensor) for r in result):
-            n.meta["tensor_meta"] = tuple(_extract_tensor_metadata(r) for r in result)  # split / chunk pieces
+            n.meta["tensor_meta"] = tuple(TensorShape(r.shape, r.dtype) for r in result)  # split / chunk pieces
         return result
 
 

@@ -260,7 +260,7 @@ def _torch_pad(pads) -> list[int]:
     return out
 
 
-_TEMPLATES: dict[type, nn.Module] = {}
+_TEMPLATES: dict[type, tuple[dict, tuple[str, ...]]] = {}  # class -> (a built instance's fields, its containers)
 
 
 def _blank(cls: type, **attrs) -> nn.Module:
@@ -271,9 +271,14 @@ def _blank(cls: type, **attrs) -> nn.Module:
     """
     template = _TEMPLATES.get(cls)
     if template is None:
-        template = _TEMPLATES[cls] = cls(1, 1, 1) if cls is not nn.Linear else cls(1, 1)
+        module = cls(1, 1, 1) if cls is not nn.Linear else cls(1, 1)
+        containers = tuple(k for k, v in module.__dict__.items() if isinstance(v, (dict, set)))
+        template = _TEMPLATES[cls] = (module.__dict__, containers)
+    fields, containers = template
     module = cls.__new__(cls)
-    module.__dict__.update({k: (v.copy() if isinstance(v, (dict, set)) else v) for k, v in template.__dict__.items()})
+    module.__dict__.update(fields)
+    for key in containers:  # a module's own dicts and sets (hooks, buffers, ...), never the template's
+        module.__dict__[key] = fields[key].copy()
     module._parameters = {}
     module.__dict__.update(attrs)  # plain attributes (ints, tuples, strings): no Module bookkeeping needed
     return module
@@ -307,8 +312,10 @@ def _emit_conv(e: FxEmitter, node: Node, inputs):
 
 
 def _set_weights(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    module.weight = nn.Parameter(weight.detach())
-    module.bias = nn.Parameter(bias.detach()) if bias is not None else None
+    # Straight into the blank's own parameter dict: what Module.__setattr__ ends in, without its
+    # search of every other container for a name that a blank cannot hold.
+    module._parameters["weight"] = nn.Parameter(weight.detach())
+    module._parameters["bias"] = nn.Parameter(bias.detach()) if bias is not None else None
 
 
 def _emit_conv_transpose(e: FxEmitter, node: Node, inputs):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -74,7 +75,23 @@ def function_form(op: OpDef) -> Callable | None:
     return None
 
 
+# Weak keys: a cached signature never keeps a user's function (or a method's module) alive.
+_SIGNATURES: "weakref.WeakKeyDictionary[Any, inspect.Signature | None]" = weakref.WeakKeyDictionary()
+
+
 def _signature(fn) -> inspect.Signature | None:
+    """fn's signature, looked up once per function (inspect.signature rebuilds it on every call)."""
+    try:
+        return _SIGNATURES[fn]
+    except KeyError:
+        pass
+    except TypeError:  # not weakly referable (a builtin): no cache
+        return _build_signature(fn)
+    sig = _SIGNATURES[fn] = _build_signature(fn)
+    return sig
+
+
+def _build_signature(fn) -> inspect.Signature | None:
     try:
         return inspect.signature(fn)
     except (TypeError, ValueError):  # builtins such as torch.sigmoid have none

@@ -5,6 +5,7 @@ references to the IR node's inputs. The backend re-emits untouched nodes from it
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import operator
@@ -185,6 +186,12 @@ def _sig_max_pool(input, kernel_size, stride=None, padding=0, dilation=1, ceil_m
 _POOL_DIMS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3, F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3}
 
 
+@functools.lru_cache(maxsize=None)
+def _signature(stand_in: Callable) -> inspect.Signature:
+    """The signature of a stand-in above, built once (inspect.signature rebuilds it on every call)."""
+    return inspect.signature(stand_in)
+
+
 _FUNCTIONS: dict[Any, tuple[str, Callable]] = {
     F.conv1d: ("conv", _sig_conv), F.conv2d: ("conv", _sig_conv), F.conv3d: ("conv", _sig_conv),
     F.conv_transpose1d: ("conv_transpose", _sig_conv_t), F.conv_transpose2d: ("conv_transpose", _sig_conv_t),
@@ -227,7 +234,10 @@ class FxImporter:
 
     # The import proper --------------------------------------------------------------------
     def run(self) -> Graph:
+        skipped = _assertion_only(self.fx_graph)
         for fx_node in self.fx_graph.nodes:
+            if fx_node in skipped:
+                continue
             if fx_node.op == "placeholder":
                 default = fx_node.args[0] if fx_node.args else inspect.Parameter.empty
                 self.placeholders.append((fx_node.target, default))
@@ -328,7 +338,7 @@ class FxImporter:
         else:
             return self._call_form(fx_node)
         try:
-            bound = inspect.signature(sig).bind(*fx_node.args, **fx_node.kwargs)
+            bound = _signature(sig).bind(*fx_node.args, **fx_node.kwargs)
         except TypeError:
             return None
         bound.apply_defaults()
@@ -461,7 +471,7 @@ class FxImporter:
 
     def _recognize_pad(self, fx_node: fx.Node) -> Value | None:
         try:
-            bound = inspect.signature(_sig_pad).bind(*fx_node.args, **fx_node.kwargs)
+            bound = _signature(_sig_pad).bind(*fx_node.args, **fx_node.kwargs)
         except TypeError:
             return None
         bound.apply_defaults()
@@ -590,6 +600,21 @@ _PURE_FUNCTIONS = {getattr, operator.getitem, operator.eq, operator.ne, operator
                    operator.gt, operator.ge, operator.floordiv, operator.truediv, operator.sub}
 _PURE_METHODS = {"size", "dim", "view", "reshape", "permute", "transpose", "contiguous", "mean", "sigmoid",
                  "chunk", "split", "expand", "expand_as", "softmax", "squeeze", "unsqueeze", "t"}
+
+
+def _assertion_only(fx_graph: fx.Graph) -> set[fx.Node]:
+    """Traced shape checks (timm's `_assert(x.ndim == 4)`) and the pure calls that only feed them.
+
+    The import drops the checks, so the calls feeding them would be built only to be erased as dead
+    code: about one node in six of a timm model, skipped here instead.
+    """
+    skipped: set[fx.Node] = set()
+    for node in reversed(fx_graph.nodes):
+        if node.op == "call_function" and node.target is torch._assert:
+            skipped.add(node)
+        elif node.users and node.op != "get_attr" and _is_pure_call(node) and all(u in skipped for u in node.users):
+            skipped.add(node)
+    return skipped
 
 
 def _is_pure_call(fx_node: fx.Node) -> bool:

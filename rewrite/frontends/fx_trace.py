@@ -3,15 +3,32 @@ from __future__ import annotations
 
 import os
 import traceback
+from collections import OrderedDict
 from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
+from torch.fx.proxy import Scope
 
 from ..errors import TraceError
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _ModuleStack(OrderedDict):
+    """fx's module call stack, copied into every traced node's meta: the same copy, made directly
+    (copy.copy's generic reduce path cost about 5% of tracing a timm model)."""
+
+    def __copy__(self):
+        return OrderedDict(self)
+
+
+class _Scope(Scope):
+    """fx's current scope, saved on entry to every module call: the same copy, made directly."""
+
+    def __copy__(self):
+        return Scope(self.module_path, self.module_type)
 
 
 class _Tracer(fx.Tracer):
@@ -20,6 +37,8 @@ class _Tracer(fx.Tracer):
     def __init__(self, leaf_modules: Iterable[type | str] = ()):
         super().__init__()
         self.extra_leaves = tuple(leaf_modules)
+        self.module_stack = _ModuleStack()
+        self.scope = _Scope("", None)
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         for leaf in self.extra_leaves:
