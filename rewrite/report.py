@@ -53,6 +53,7 @@ class Report:
     nodes_after: dict[str, int] = field(default_factory=dict)
     graph_before: Any = None  # report_html.GraphSnapshot, for to_html()
     graph_after: Any = None
+    notes: list[str] = field(default_factory=list)  # from the frontend: what loading the model did
 
     def to_html(self, title: str = "rewrite report") -> str:
         """One self-contained HTML page (see rewrite.report_html)."""
@@ -75,6 +76,7 @@ class Report:
             "frontend": self.frontend,
             "nodes_before": self.nodes_before,
             "nodes_after": self.nodes_after,
+            "notes": list(self.notes),
             "passes": [
                 {
                     "name": p.name,
@@ -118,6 +120,9 @@ class Report:
                     where = ", ".join(sites[:EXAMPLES]) + more
                     lines.append(f"  {len(sites):>4} x {p.name}/{rule}: {reason}" +
                                  (f"  [{where}]" if len(sites) > 1 else ""))
+        if self.notes:
+            lines.append("")
+            lines.extend(self.notes)
         if self.nodes_before:
             changed = sorted(set(self.nodes_before) | set(self.nodes_after))
             diffs = [f"{k} {self.nodes_before.get(k, 0)}->{self.nodes_after.get(k, 0)}" for k in changed

@@ -32,6 +32,10 @@ class Frontend:
     def export(self, graph: Graph, copy_originals: bool = True) -> Any:
         raise NotImplementedError
 
+    def notes(self, graph: Graph) -> list[str]:
+        """Lines for the report about what loading the model did (constants folded, shapes used)."""
+        return []
+
     def verify(self, original: Any, rewritten: Any, example_inputs=None, **options):
         return self.reference(original, example_inputs, **options).check(rewritten)
 

@@ -80,8 +80,11 @@ def _concretize_shapes(graph: Graph, model: onnx.ModelProto, example_inputs) -> 
         value.shape = dims if all(isinstance(d, int) for d in dims) else None
 
 
-def import_onnx(model_or_path: Any, example_inputs=None) -> Graph:
-    """Load (and check) an ONNX model or path and build its IR. The input model is never changed."""
+def import_onnx(model_or_path: Any, example_inputs=None, fold_constants: bool = False) -> Graph:
+    """Load (and check) an ONNX model or path and build its IR. The input model is never changed.
+
+    Constant subgraphs are folded for the passes; `fold_constants=True` also writes those no rewrite
+    consumed as initializers (by default they are written back as they were)."""
     if isinstance(model_or_path, (str, os.PathLike)):
         model = load_onnx(model_or_path)
     elif isinstance(model_or_path, onnx.ModelProto):
@@ -89,7 +92,8 @@ def import_onnx(model_or_path: Any, example_inputs=None) -> Graph:
         check_onnx(model)
     else:
         raise ModelLoadError(f"expected an onnx.ModelProto or a .onnx path, got {type(model_or_path).__name__}")
-    graph = OnnxImporter(model, _inferred(model, describe(model_or_path)), describe(model_or_path)).run()
+    graph = OnnxImporter(model, _inferred(model, describe(model_or_path)), describe(model_or_path),
+                         fold_constants=fold_constants).run()
     _concretize_shapes(graph, model, example_inputs)
     return graph
 
@@ -99,11 +103,28 @@ def export_onnx(graph: Graph) -> onnx.ModelProto:
     return emit_model(graph)
 
 
+def import_notes(graph: Graph) -> list[str]:
+    """What the import did that the passes' reports do not say: constants folded, and how they are written."""
+    folded = graph.meta.get("onnx_folded", 0)
+    if not folded:
+        return []
+    left = graph.meta.get("onnx_folded_written", 0)  # counted by the last export
+    how = "as initializers" if graph.meta.get("onnx_fold_constants") else "as they were (Shape / CastLike as values)"
+    return [f"constant folding at import: {folded} nodes folded; {left} written back {how}, "
+            f"{folded - left} no longer needed after the rewrites"]
+
+
 class OnnxFrontend(Frontend):
     name = "onnx"
+    options = ("fold_constants",)
 
-    def load(self, model_or_path, example_inputs=None, **_):
-        return import_onnx(model_or_path, example_inputs)
+    def load(self, model_or_path, example_inputs=None, fold_constants=False, **_):
+        graph = import_onnx(model_or_path, example_inputs, fold_constants)
+        graph.meta["onnx_fold_constants"] = fold_constants
+        return graph
+
+    def notes(self, graph):
+        return import_notes(graph)
 
     def export(self, graph, copy_originals=True):
         return export_onnx(graph)  # always a new ModelProto; nothing is shared with the input

@@ -39,6 +39,7 @@ class OnnxEmitter:
         self.outer_initializers: dict[str, gs.Constant] = {}  # captured by subgraphs, exported by hand
         self.fixed_names: dict[int, str] = {}
         self.identity_outputs: list[tuple[Value, str]] = []
+        self.folded_written = 0  # nodes folded at import and written back (see onnx_fold)
 
     # -- naming -------------------------------------------------------------------------
     def fresh_tensor_name(self, base: str) -> str:
@@ -88,6 +89,7 @@ class OnnxEmitter:
         gs_graph = gs.Graph(nodes=self.nodes, inputs=inputs, outputs=outputs, name=self.model.graph.name,
                             doc_string=self.model.graph.doc_string, opset=self.opset)
         exported = gs.export_onnx(gs_graph, do_type_check=False)
+        self.graph.meta["onnx_folded_written"] = self.folded_written
         return self._finish(exported)
 
     def emit(self, node: Node) -> None:
@@ -112,6 +114,7 @@ class OnnxEmitter:
         """Write the original node again (once), its IR inputs wired to their exported tensors."""
         if id(origin) in self.emitted:
             return self.emitted[id(origin)]
+        self.folded_written += origin.folded
         if origin.is_initializer:
             outs = [origin.gs_node]
             self.emitted[id(origin)] = outs

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import ModelLoadError
 from ..ir import Graph, Node, Value, clamp_bound
-from . import onnx_forms
+from . import onnx_fold, onnx_forms
 from .onnx_checks import check_batch_norm_params, check_conv_channels
 
 
@@ -50,6 +50,7 @@ class OnnxOrigin:
     output_names: list[str]
     pinned: dict = field(default_factory=dict)  # IR input index -> Value that must still be there
     captures: list = field(default_factory=list)  # (outer tensor name, IR input index) read by subgraphs
+    folded: bool = False  # a node folded into a constant at import (see onnx_fold)
 
     @property
     def is_initializer(self) -> bool:
@@ -113,8 +114,10 @@ def subgraph_captures(proto: onnx.NodeProto) -> list[str]:
 class OnnxImporter:
     """Builds the IR of one ModelProto."""
 
-    def __init__(self, model: onnx.ModelProto, inferred: onnx.ModelProto, source: str):
+    def __init__(self, model: onnx.ModelProto, inferred: onnx.ModelProto, source: str, fold_constants: bool = False):
         self.model = model
+        self.fold_constants = fold_constants  # write folded nodes as initializers, not as they were
+        self.folded = 0  # nodes folded into constants
         self.source = source
         self.gs_graph = gs.import_onnx(model)
         _add_inferred_types(self.gs_graph, inferred)
@@ -141,10 +144,19 @@ class OnnxImporter:
         for tensor in self.gs_graph.outputs:
             outputs.append(self.value_of(tensor, f"graph output {tensor.name!r}"))
         self.graph.outputs = outputs
+        self._drop_unread_folds()
         self.graph.meta.update(frontend="onnx", onnx_model=self.model, onnx_opset=self.opset,
                                onnx_output_names=[t.name for t in self.gs_graph.outputs],
-                               onnx_source=self.source)
+                               onnx_source=self.source, onnx_folded=self.folded)
         return self.graph
+
+    def _drop_unread_folds(self) -> None:
+        """Folded constants read only as parameters are not nodes of the model (they are written back
+        from their readers' origins when needed), so `cleanup` does not count them as dead code."""
+        for node in list(self.graph.nodes):
+            if (node.kind == "constant" and isinstance(node.origin, OnnxOrigin) and node.origin.folded
+                    and self.graph.external_uses(node.output) == 0):
+                self.graph.erase(node)
 
     # -- values ---------------------------------------------------------------------------
     def value_of(self, tensor, where: str) -> Value:
@@ -207,7 +219,9 @@ class OnnxImporter:
             handler = HANDLERS.get(gs_node.op) or onnx_forms.HANDLERS.get(gs_node.op)
             if handler is None and gs_node.op in self.forms:
                 handler = onnx_forms.generic_handler(self.forms[gs_node.op])
-        node = handler(self, gs_node, proto) if handler is not None else None
+        node = self._fold(gs_node, proto) if onnx_fold.foldable(proto) else None
+        if node is None:
+            node = handler(self, gs_node, proto) if handler is not None else None
         if node is None:
             node = self._opaque(gs_node, proto)
         for value, tensor in zip(node.outputs, gs_node.outputs):
@@ -216,6 +230,61 @@ class OnnxImporter:
                 value.shape, value.dtype = _shape(tensor), torch_dtype(tensor.dtype)
             if tensor.name:
                 self.env[tensor.name] = value
+
+    def _array_of(self, tensor) -> np.ndarray | None:
+        value = self.constant_of(tensor)
+        if value is None:
+            return None
+        try:
+            return value.numpy()
+        except TypeError:  # bfloat16 and kin have no numpy form
+            return None
+
+    def _fold(self, gs_node, proto) -> Node | None:
+        """The node as a constant when its value does not depend on the graph's inputs (see onnx_fold)."""
+        tensors = list(gs_node.inputs)
+        if proto.op_type in ("Shape", "Size") and self.constant_of(tensors[0]) is None:
+            value = onnx_fold.static_shape_value(proto, _shape(tensors[0]))
+            return None if value is None else self._folded_value(gs_node, proto, value, as_initializer=True)
+        like = proto.op_type == "CastLike" and len(tensors) == 2 and self.constant_of(tensors[1]) is None
+        if like:  # CastLike reads only the type of its second input
+            if tensors[1].dtype is None:
+                return None
+        arrays = []
+        for i, tensor in enumerate(tensors):
+            if not tensor.name:
+                arrays.append(None)
+            elif like and i == 1:
+                arrays.append(np.empty(0, dtype=np.dtype(tensors[1].dtype)))
+            else:
+                array = self._array_of(tensor)
+                if array is None:
+                    return None
+                arrays.append(array)
+        value = onnx_fold.evaluate(proto, arrays, self.opset)
+        if value is None:
+            return None
+        return self._folded_value(gs_node, proto, value, as_initializer=like or self.fold_constants)
+
+    def _folded_value(self, gs_node, proto, array: np.ndarray, as_initializer: bool) -> Node | None:
+        """A constant node for a folded node: written back as the original node (its constant inputs
+        with it) while no rewrite consumes it, or as an initializer of its value when `as_initializer`
+        (a node that also reads a non-constant, like Shape(x), has nothing else to be written from)."""
+        try:
+            value = onnx_fold.as_tensor(array)
+        except TypeError:  # a numpy type torch does not have
+            return None
+        self.folded += 1
+        name = gs_node.outputs[0].name
+        if not as_initializer:
+            node = self.make("constant", gs_node, proto, [], [self.orig(t) for t in gs_node.inputs],
+                             params={"value": value})
+            node.origin.folded = True
+            return node
+        node = Node("constant", name, params={"value": value})
+        record(node, OnnxOrigin(None, gs.Constant(name, array), [], [name], folded=True))
+        self.graph.append(node)
+        return node
 
     def make(self, kind: str, gs_node, proto, inputs: list[Value], slots: list, attrs: dict | None = None,
              params: dict | None = None, pinned: dict | None = None, num_outputs: int = 1) -> Node:
