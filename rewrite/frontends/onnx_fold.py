@@ -39,6 +39,13 @@ def foldable(proto: onnx.NodeProto) -> bool:
             and len(proto.output) == 1 and len(proto.input) > 0 and not _has_subgraph(proto))
 
 
+def too_big(inferred_shape, itemsize: int, inputs: list[np.ndarray | None]) -> bool:
+    """Would the result (of this inferred shape) grow past MAX_GROWTH_BYTES and past the inputs?"""
+    grown = sum(a.nbytes for a in inputs if a is not None)
+    return inferred_shape is not None and all(isinstance(d, int) for d in inferred_shape) and \
+        int(np.prod(inferred_shape, dtype=np.int64)) * itemsize > max(MAX_GROWTH_BYTES, grown)
+
+
 def evaluate(proto: onnx.NodeProto, inputs: list[np.ndarray | None], opset: int) -> np.ndarray | None:
     """The node's one output on these constant inputs (None for an omitted optional input), or None
     when the reference evaluator cannot run it or the result is not a plain numeric tensor."""
@@ -50,8 +57,7 @@ def evaluate(proto: onnx.NodeProto, inputs: list[np.ndarray | None], opset: int)
         return None
     if not isinstance(result, np.ndarray) or result.dtype == object:
         return None
-    grown = sum(a.nbytes for a in inputs if a is not None)
-    if result.nbytes > max(MAX_GROWTH_BYTES, grown):
+    if too_big(result.shape, result.itemsize, inputs):
         return None
     return result
 

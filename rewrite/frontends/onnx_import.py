@@ -261,6 +261,9 @@ class OnnxImporter:
                 if array is None:
                     return None
                 arrays.append(array)
+        out = gs_node.outputs[0]
+        if onnx_fold.too_big(_shape(out), np.dtype(out.dtype).itemsize if out.dtype is not None else 1, arrays):
+            return None  # known before running it from the inferred shape
         value = onnx_fold.evaluate(proto, arrays, self.opset)
         if value is None:
             return None
