@@ -73,11 +73,39 @@ def _concretize_shapes(graph: Graph, model: onnx.ModelProto, example_inputs) -> 
     """
     sizes = _symbol_sizes(model, example_inputs)
     values = list(graph.inputs) + [v for node in graph.nodes for v in node.outputs]
+    unknown = []
     for value in values:
-        if value.shape is None or all(isinstance(d, int) for d in value.shape):
+        if value.shape is not None and all(isinstance(d, int) for d in value.shape):
             continue
-        dims = tuple(sizes.get(d) if isinstance(d, str) else d for d in value.shape)
-        value.shape = dims if all(isinstance(d, int) for d in dims) else None
+        dims = None if value.shape is None else tuple(sizes.get(d) if isinstance(d, str) else d for d in value.shape)
+        value.shape = dims if dims is not None and all(isinstance(d, int) for d in dims) else None
+        if value.shape is None and value.name:
+            unknown.append(value)
+    if unknown and sizes:
+        concrete = _concrete_shapes(model, sizes)
+        for value in unknown:
+            value.shape = concrete.get(value.name)
+    graph.meta["onnx_input_sizes"] = sizes
+
+
+def _concrete_shapes(model: onnx.ModelProto, sizes: dict[str, int]) -> dict[str, tuple]:
+    """Every tensor's shape when the graph inputs' symbols take `sizes`: onnx's shape inference (with
+    data propagation, so shape subgraphs count) on a weightless copy whose inputs are static."""
+    light = weightless_copy(model, keep_dims=True)
+    for value in light.graph.input:
+        for dim in value.type.tensor_type.shape.dim:
+            if not dim.HasField("dim_value") and dim.dim_param in sizes:
+                dim.dim_value = sizes[dim.dim_param]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
+    except Exception:  # shapes help the passes; without them they refuse, saying so
+        return {}
+    found = {}
+    for info in list(inferred.graph.value_info) + list(inferred.graph.output):
+        tensor_type = info.type.tensor_type
+        if tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in tensor_type.shape.dim):
+            found[info.name] = tuple(d.dim_value for d in tensor_type.shape.dim)
+    return found
 
 
 def import_onnx(model_or_path: Any, example_inputs=None, fold_constants: bool = False) -> Graph:

@@ -249,9 +249,26 @@ class OnnxEmitter:
 def _keep_value_info(graph: onnx.GraphProto, original: onnx.GraphProto) -> None:
     """Keep the original value_info of the tensors still made under their original names; no guesses."""
     made_now = {name for node in graph.node for name in node.output}
-    kept = [v for v in original.value_info if v.name in made_now]
+    # A node written back as it was may now compute a different shape (channels removed upstream):
+    # its original declaration would then contradict the IR's shape, written on the exported tensors.
+    now = {v.name: _dims(v) for v in graph.value_info}
+    kept = [v for v in original.value_info if v.name in made_now and _agree(_dims(v), now.get(v.name))]
     del graph.value_info[:]
     graph.value_info.extend(kept)
+
+
+def _dims(info: onnx.ValueInfoProto) -> list | None:
+    tensor_type = info.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+
+
+def _agree(declared: list | None, current: list | None) -> bool:
+    """No static dim of the declaration differs from the shape the IR gives the tensor now."""
+    if declared is None or current is None:
+        return True
+    return len(declared) == len(current) and all(a is None or b is None or a == b for a, b in zip(declared, current))
 
 
 def _all_tensor_names(graph: onnx.GraphProto) -> set[str]:

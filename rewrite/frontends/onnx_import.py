@@ -656,11 +656,34 @@ def _flatten(imp, gs_node, proto) -> Node | None:
     return imp.make("flatten", gs_node, proto, [x], [In(0)], {"start_dim": 1, "end_dim": -1})
 
 
+def _flattens(x_shape, target, allowzero: bool) -> bool:
+    """Is Reshape(x, target) flatten(x, 1)? It is when the result is 2-D and its first dim is x's first:
+    the element count then fixes the second. `target` is the constant shape, or the inferred output
+    shape (symbols as strings), so a dynamic batch counts only when onnx's symbolic inference proved
+    that it is x's own."""
+    if x_shape is None or len(x_shape) < 2 or target is None or len(target) != 2:
+        return False
+    first = x_shape[0] if target[0] == 0 and not allowzero else target[0]
+    return first is not None and first == x_shape[0] and (not isinstance(first, int) or first > 0)
+
+
 def _reshape(imp, gs_node, proto) -> Node | None:
+    x = _data(imp, gs_node.inputs[0])
     shape = imp.constant_of(gs_node.inputs[1])
+    allowzero = bool(gs_node.attrs.get("allowzero", 0))
     if shape is None:
-        return None
+        # A shape computed from the input's own (symbolic) size, as view(x.size(0), -1) exports: a flatten
+        # when symbolic inference proves it. Written anew as Flatten: its shape subgraph has no constant form.
+        if not _flattens(x.shape, _shape(gs_node.outputs[0]), allowzero):
+            return None
+        node = Node("flatten", proto.name or f"Reshape_{len(imp.graph)}", [x], {"start_dim": 1, "end_dim": -1})
+        node.scope = proto.name or None
+        imp.graph.append(node)
+        return node
     shape = tuple(int(s) for s in shape.reshape(-1))
+    if _flattens(x.shape, shape, allowzero):  # channel removal follows a flatten into the classifier
+        return imp.make("flatten", gs_node, proto, [x], [In(0), imp.orig(gs_node.inputs[1])],
+                        {"start_dim": 1, "end_dim": -1})
     if 0 in shape and not gs_node.attrs.get("allowzero", 0):
         return None  # ONNX 0 copies an input dim; torch 0 means an empty dim
     return imp.make("reshape", gs_node, proto, [_data(imp, gs_node.inputs[0])],
