@@ -371,26 +371,45 @@ def _input(gs_node, i: int):
     return gs_node.inputs[i] if len(gs_node.inputs) > i and gs_node.inputs[i].name else None
 
 
-def _pairs(pads: list[int], dims: int) -> tuple:
+def _pairs(pads: list[int], dims: int, where: str = "") -> tuple:
+    if len(pads) != 2 * dims:
+        raise ModelLoadError(f"pads has {len(pads)} values; a {dims}-D window needs {2 * dims} "
+                             "(a begin and an end per spatial axis)", where=where)
     return tuple((int(pads[i]), int(pads[i + dims])) for i in range(dims))
 
 
-def _spatial_pads(imp, gs_node, kernel, stride, dilation) -> tuple | None:
-    """(before, after) pads per spatial dim, resolving auto_pad when the input size is known."""
-    dims = len(kernel)
+def _auto_pad(gs_node) -> str:
     auto = gs_node.attrs.get("auto_pad", "NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
-    if auto in ("NOTSET", ""):
-        pads = gs_node.attrs.get("pads", [0] * 2 * dims)
-        return _pairs(pads, dims)
+    return (auto.decode() if isinstance(auto, bytes) else auto) or "NOTSET"
+
+
+def _spatial_pads(imp, gs_node, kernel, stride, dilation) -> tuple | None:
+    """(before, after) pads per spatial dim, auto_pad resolved: VALID is none, SAME_* is exact for any
+    size along a stride-1 axis and needs a static size along a strided one (else None: kept as it is)."""
+    dims = len(kernel)
+    where = f"{imp.source}, node {gs_node.name or gs_node.op}"
+    for name, values in (("strides", stride), ("dilations", dilation)):
+        if len(values) != dims:
+            raise ModelLoadError(f"{name} has {len(values)} values for a {dims}-D window", where=where)
+    auto = _auto_pad(gs_node)
+    if auto == "NOTSET":
+        return _pairs(gs_node.attrs.get("pads", [0] * 2 * dims), dims, where)
     if auto == "VALID":
         return ((0, 0),) * dims
+    if auto not in ("SAME_UPPER", "SAME_LOWER"):
+        raise ModelLoadError(f"auto_pad {auto!r} is not one of NOTSET, VALID, SAME_UPPER, SAME_LOWER", where=where)
     shape = _data(imp, gs_node.inputs[0]).shape
-    if shape is None or len(shape) != dims + 2 or not all(isinstance(s, int) for s in shape[2:]):
-        return None  # SAME_* pads depend on a size we do not know
+    if shape is not None and len(shape) != dims + 2:
+        return None
     pads = []
-    for size, k, s, d in zip(shape[2:], kernel, stride, dilation):
-        total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+    for axis, (k, s, d) in enumerate(zip(kernel, stride, dilation)):
+        size = shape[2 + axis] if shape is not None else None
+        if s == 1:
+            total = (k - 1) * d  # the output is as long as the input, whatever its size
+        elif isinstance(size, int):
+            total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+        else:
+            return None  # a strided SAME pad depends on a size that is not static
         small, big = total // 2, total - total // 2
         pads.append((small, big) if auto == "SAME_UPPER" else (big, small))
     return tuple(pads)
@@ -415,9 +434,10 @@ def _conv(imp: OnnxImporter, gs_node, proto) -> Node | None:
     check_conv_channels(tuple(weight.shape), groups, transpose, in_shape[1] if in_shape and len(in_shape) > 1 else None,
                         None if bias is None else bias.numel(), f"{imp.source}, node {proto.name or proto.op_type}")
     if transpose:
-        if "output_shape" in a or a.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
-            return None  # output_shape / auto_pad derive the pads from sizes; keep the node as it is
-        attrs = {"stride": stride, "padding": _pairs(a.get("pads", [0] * 2 * dims), dims),
+        if "output_shape" in a or _auto_pad(gs_node) not in ("NOTSET", "VALID"):
+            return None  # output_shape / SAME derive the pads from sizes; keep the node as it is
+        pads = [0] * 2 * dims if _auto_pad(gs_node) == "VALID" else a.get("pads", [0] * 2 * dims)
+        attrs = {"stride": stride, "padding": _pairs(pads, dims, f"{imp.source}, node {proto.name or proto.op_type}"),
                  "output_padding": tuple(a.get("output_padding", [0] * dims)), "dilation": dilation,
                  "groups": groups}
     else:
