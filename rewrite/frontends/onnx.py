@@ -5,16 +5,17 @@ import os
 import re
 from typing import Any
 
+import numpy as np
 import onnx
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, RewriteError
 from ..files import first_line
 from ..ir import Graph
 from . import Frontend
 from .onnx_export import emit_model
 from .onnx_import import OnnxImporter
 from .onnx_io import check_onnx, describe, load_onnx, save_onnx, weightless_copy
-from .onnx_verify import SYMBOLIC_DIM, OnnxReference, as_feeds, float64_feeds, float64_model, random_inputs, verify_onnx
+from .onnx_verify import OnnxReference, as_feeds, choose_sizes, float64_feeds, float64_model, random_inputs, verify_onnx
 
 __all__ = ["OnnxFrontend", "load_onnx", "save_onnx", "import_onnx", "export_onnx", "verify_onnx", "random_inputs"]
 
@@ -42,26 +43,15 @@ def _inferred(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
 
 
 def _symbol_sizes(model: onnx.ModelProto, example_inputs) -> dict[str, int]:
-    """Sizes for the symbolic dims of graph inputs: from example inputs, else SYMBOLIC_DIM for a leading (batch) dim."""
-    initializers = {i.name for i in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in initializers]
-    examples: dict[str, Any] = {}
-    if isinstance(example_inputs, dict):
-        examples = dict(example_inputs)
-    elif example_inputs is not None:
-        items = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-        examples = {i.name: t for i, t in zip(inputs, items)}
-    sizes: dict[str, int] = {}
-    for value in inputs:
-        example = examples.get(value.name)
-        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
-            if dim.HasField("dim_value") or not dim.dim_param:
-                continue
-            if example is not None and hasattr(example, "shape") and axis < len(example.shape):
-                sizes[dim.dim_param] = int(example.shape[axis])
-            elif axis == 0:
-                sizes.setdefault(dim.dim_param, SYMBOLIC_DIM)
-    return sizes
+    """Sizes for the symbolic dims of graph inputs: from example inputs, else SYMBOLIC_DIM for a leading
+    (batch) dim; other symbols stay unknown, so passes that need them refuse and ask for example inputs."""
+    given = {}
+    if example_inputs is not None:
+        try:
+            given = {name: tuple(np.shape(array)) for name, array in as_feeds(model, example_inputs).items()}
+        except RewriteError:
+            given = {}
+    return choose_sizes(model, given, everything=False)
 
 
 def _concretize_shapes(graph: Graph, model: onnx.ModelProto, example_inputs) -> None:
@@ -108,6 +98,17 @@ def _concrete_shapes(model: onnx.ModelProto, sizes: dict[str, int]) -> dict[str,
     return found
 
 
+def _check_external_data_loaded(model: onnx.ModelProto) -> None:
+    """A ModelProto does not know its folder: external data left unloaded would be read against the working
+    directory, so it is refused (a path is loaded with its data, from the model's folder)."""
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "?")
+            raise ModelLoadError(f"initializer {tensor.name!r} keeps its data in {location!r}, which was not loaded: "
+                                 "pass the model's path, or onnx.load it with load_external_data=True",
+                                 where=describe(model))
+
+
 def import_onnx(model_or_path: Any, example_inputs=None, fold_constants: bool = False) -> Graph:
     """Load (and check) an ONNX model or path and build its IR. The input model is never changed.
 
@@ -117,6 +118,7 @@ def import_onnx(model_or_path: Any, example_inputs=None, fold_constants: bool = 
         model = load_onnx(model_or_path)
     elif isinstance(model_or_path, onnx.ModelProto):
         model = model_or_path
+        _check_external_data_loaded(model)
         check_onnx(model)
     else:
         raise ModelLoadError(f"expected an onnx.ModelProto or a .onnx path, got {type(model_or_path).__name__}")
@@ -152,7 +154,15 @@ class OnnxFrontend(Frontend):
         return graph
 
     def notes(self, graph):
-        return import_notes(graph)
+        declared = {i.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                             for d in i.type.tensor_type.shape.dim] for i in graph.meta["onnx_model"].graph.input}
+        shapes = ", ".join(f"{v.name} " + ("x".join(map(str, v.shape)) if v.shape is not None else
+                                           "x".join(map(str, declared.get(v.name, ["?"]))) + " (symbolic: pass "
+                                           "example inputs / --input-shape to fix them)") for v in graph.inputs)
+        lines = [f"input shapes for the passes: {shapes}"]
+        if getattr(self, "verified_on", None):
+            lines.append(f"verified on inputs: {self.verified_on}")
+        return import_notes(graph) + lines
 
     def export(self, graph, copy_originals=True):
         return export_onnx(graph)  # always a new ModelProto; nothing is shared with the input
@@ -161,7 +171,9 @@ class OnnxFrontend(Frontend):
         return verify_onnx(original, rewritten, example_inputs, dtype=dtype, tolerance=tolerance, **options)
 
     def reference(self, original, example_inputs=None, tolerance=None, **options):
-        return OnnxReference(original, example_inputs, tolerance, **options)
+        reference = OnnxReference(original, example_inputs, tolerance, **options)
+        self.verified_on = reference.inputs_used  # for the report's notes
+        return reference
 
     def float64_copy(self, model, example_inputs=None):
         source = load_onnx(model) if isinstance(model, (str, os.PathLike)) else model

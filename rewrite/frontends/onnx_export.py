@@ -224,6 +224,9 @@ class OnnxEmitter:
         by_name = {i.name: i for i in original.graph.input}
         del graph.input[:]
         graph.input.extend(by_name[v.name] for v in self.graph.inputs)
+        if original.ir_version < 4:  # IR 3 lists every initializer as a graph input too, new ones included
+            graph.input.extend(by_name.get(t.name) or onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+                               for t in graph.initializer)
         del graph.output[:]
         graph.output.extend(original.graph.output)
         _keep_value_info(graph, original.graph)
