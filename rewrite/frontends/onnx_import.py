@@ -178,8 +178,16 @@ class OnnxImporter:
     def initializer(self, tensor) -> torch.Tensor:
         """One torch tensor per initializer, so every reader of a shared initializer holds the same object."""
         if tensor.name not in self.init_values:
-            self.init_values[tensor.name] = to_torch(tensor.values)
+            proto = self._initializer_protos().get(tensor.name)
+            # From the TensorProto itself: gs's `tensor.values` would keep a second copy cached in the gs graph.
+            self.init_values[tensor.name] = to_torch(tensor.values if proto is None else
+                                                     onnx.numpy_helper.to_array(proto))
         return self.init_values[tensor.name]
+
+    def _initializer_protos(self) -> dict:
+        if self._initializers is None:
+            self._initializers = {t.name: t for t in self.model.graph.initializer}
+        return self._initializers
 
     def constant_of(self, tensor) -> torch.Tensor | None:
         """The tensor's value if it is a constant (initializer, Constant node, Identity of one)."""
@@ -192,9 +200,7 @@ class OnnxImporter:
 
     def outer_initializer(self, name: str):
         """An initializer of the main graph read only inside subgraphs (gs does not list it)."""
-        if self._initializers is None:
-            self._initializers = {t.name: t for t in self.model.graph.initializer}
-        proto = self._initializers.get(name)
+        proto = self._initializer_protos().get(name)
         if proto is None:
             return None
         return gs.Constant(name, onnx.numpy_helper.to_array(proto))

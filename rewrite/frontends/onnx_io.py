@@ -169,10 +169,7 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, external_data: bo
         # The data file is written under a temporary name too, and moved into place before the model.
         tmp_data = tmp + ".data"
         try:
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)  # save_model moves the tensors of the model it is given to external data
-            onnx.save_model(copy, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=os.path.basename(tmp_data), size_threshold=0)
+            _save_external(model, tmp, tmp_data)
             _relocate_external_data(tmp, data_name)
             os.replace(tmp_data, path.parent / data_name)
         finally:
@@ -180,6 +177,47 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, external_data: bo
                 os.unlink(tmp_data)
 
     return atomic_write(path, write)
+
+
+def _save_external(model: onnx.ModelProto, path: str, data_path: str) -> None:
+    """Save with the main graph's raw tensors in `data_path`, one tensor in memory at a time and no copy of
+    the model: the saved proto is the model's skeleton (all but the initializers' bytes) with external
+    references, and `model` is left as it was."""
+    skeleton = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            getattr(skeleton, field.name).CopyFrom(value) if field.message_type and not _is_repeated_field(field) \
+                else (getattr(skeleton, field.name).extend(value) if _is_repeated_field(field)
+                      else setattr(skeleton, field.name, value))
+    graph = skeleton.graph
+    for field, value in model.graph.ListFields():
+        if field.name == "initializer":
+            continue
+        if _is_repeated_field(field):
+            getattr(graph, field.name).extend(value)
+        else:
+            setattr(graph, field.name, value)
+    location = os.path.basename(data_path)
+    with open(data_path, "wb") as data:
+        for tensor in model.graph.initializer:
+            stub = graph.initializer.add()
+            if not tensor.HasField("raw_data") or tensor.data_location == onnx.TensorProto.EXTERNAL:
+                stub.CopyFrom(tensor)  # typed fields (small by nature) stay inline
+                continue
+            stub.name, stub.data_type, stub.doc_string = tensor.name, tensor.data_type, tensor.doc_string
+            stub.dims.extend(tensor.dims)
+            offset = data.tell()
+            length = data.write(tensor.raw_data)  # one tensor's bytes at a time
+            for key, entry in (("location", location), ("offset", str(offset)), ("length", str(length))):
+                item = stub.external_data.add()
+                item.key, item.value = key, entry
+            stub.data_location = onnx.TensorProto.EXTERNAL
+    onnx.save_model(skeleton, path)
+
+
+def _is_repeated_field(field) -> bool:
+    repeated = getattr(field, "is_repeated", None)
+    return repeated if repeated is not None else field.label == field.LABEL_REPEATED
 
 
 def _relocate_external_data(model_path: str, location: str) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -12,9 +13,10 @@ import torch
 from ..errors import ModelLoadError, NotVerifiableError, RewriteError
 from ..files import first_line
 from ..verify import FLOAT64_REFERENCE, VerifyResult
-from .onnx_io import describe, load_onnx
+from .onnx_io import PROTOBUF_LIMIT, approx_size, describe, load_onnx, save_onnx
 
 SYMBOLIC_DIM = 2  # the size drawn for a symbolic dimension (a dynamic batch, say)
+FLOAT64_REFERENCE_LIMIT = 1 << 30  # bytes of weights past which verification judges against the float32 original
 
 
 def _model(model_or_path) -> onnx.ModelProto:
@@ -51,6 +53,10 @@ def session(model: onnx.ModelProto, source=None, original: bool = False):
     try:
         if isinstance(source, (str, os.PathLike)):
             return ort.InferenceSession(os.fspath(source), options, providers=["CPUExecutionProvider"])
+        if approx_size(model) >= PROTOBUF_LIMIT:  # one protobuf cannot hold it: through a temporary file
+            with tempfile.TemporaryDirectory(prefix="rewrite-verify-") as folder:
+                path = save_onnx(model, os.path.join(folder, "model.onnx"), external_data=True)
+                return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         message = first_line(exc)
@@ -245,7 +251,10 @@ class OnnxReference:
         self.outputs = _tree(self.model, _run(self.model, original, self.feeds, original=True))
         self.high = None
         self.reference_name = "original"
-        if tolerance is None and any(t.is_floating_point() and t.dtype != torch.float64 for t in self.outputs.values()):
+        if approx_size(self.model) > FLOAT64_REFERENCE_LIMIT:
+            self.reference_name = (f"original (no float64 copy: past {FLOAT64_REFERENCE_LIMIT >> 30} GB of weights it "
+                                   "would take twice their memory again)")
+        elif tolerance is None and any(t.is_floating_point() and t.dtype != torch.float64 for t in self.outputs.values()):
             try:
                 high = float64_model(self.model)
                 self.high = _tree(self.model, _run(high, high, float64_feeds(self.feeds)))
