@@ -198,20 +198,32 @@ def _save_external(model: onnx.ModelProto, path: str, data_path: str) -> None:
         else:
             setattr(graph, field.name, value)
     location = os.path.basename(data_path)
+
+    def move(stub: onnx.TensorProto, raw: bytes, data) -> None:
+        offset = data.tell()
+        length = data.write(raw)
+        for key, entry in (("location", location), ("offset", str(offset)), ("length", str(length))):
+            item = stub.external_data.add()
+            item.key, item.value = key, entry
+        stub.data_location = onnx.TensorProto.EXTERNAL
+
     with open(data_path, "wb") as data:
         for tensor in model.graph.initializer:
             stub = graph.initializer.add()
             if not tensor.HasField("raw_data") or tensor.data_location == onnx.TensorProto.EXTERNAL:
                 stub.CopyFrom(tensor)  # typed fields (small by nature) stay inline
                 continue
-            stub.name, stub.data_type, stub.doc_string = tensor.name, tensor.data_type, tensor.doc_string
+            stub.name, stub.data_type = tensor.name, tensor.data_type
+            if tensor.HasField("doc_string"):
+                stub.doc_string = tensor.doc_string
             stub.dims.extend(tensor.dims)
-            offset = data.tell()
-            length = data.write(tensor.raw_data)  # one tensor's bytes at a time
-            for key, entry in (("location", location), ("offset", str(offset)), ("length", str(length))):
-                item = stub.external_data.add()
-                item.key, item.value = key, entry
-            stub.data_location = onnx.TensorProto.EXTERNAL
+            move(stub, tensor.raw_data, data)  # one tensor's bytes at a time
+        for node in graph.node:  # Constant values, in the skeleton's own copy of the nodes
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR and attr.t.HasField("raw_data"):
+                    raw = attr.t.raw_data
+                    attr.t.ClearField("raw_data")
+                    move(attr.t, raw, data)
     onnx.save_model(skeleton, path)
 
 
