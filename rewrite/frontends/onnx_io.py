@@ -14,7 +14,7 @@ import onnx
 
 from ..errors import ModelLoadError
 from ..files import atomic_write, first_line
-from .onnx_checks import check_text
+from .onnx_checks import _is_repeated, check_text
 
 # Protobuf refuses to serialize a message of 2 GB or more; stay clearly below it.
 PROTOBUF_LIMIT = 2**31 - 2**20
@@ -184,19 +184,9 @@ def _save_external(model: onnx.ModelProto, path: str, data_path: str) -> None:
     the model: the saved proto is the model's skeleton (all but the initializers' bytes) with external
     references, and `model` is left as it was."""
     skeleton = onnx.ModelProto()
-    for field, value in model.ListFields():
-        if field.name != "graph":
-            getattr(skeleton, field.name).CopyFrom(value) if field.message_type and not _is_repeated_field(field) \
-                else (getattr(skeleton, field.name).extend(value) if _is_repeated_field(field)
-                      else setattr(skeleton, field.name, value))
+    _copy_fields(model, skeleton, skip="graph")
     graph = skeleton.graph
-    for field, value in model.graph.ListFields():
-        if field.name == "initializer":
-            continue
-        if _is_repeated_field(field):
-            getattr(graph, field.name).extend(value)
-        else:
-            setattr(graph, field.name, value)
+    _copy_fields(model.graph, graph, skip="initializer")
     location = os.path.basename(data_path)
 
     def move(stub: onnx.TensorProto, raw: bytes, data) -> None:
@@ -227,9 +217,17 @@ def _save_external(model: onnx.ModelProto, path: str, data_path: str) -> None:
     onnx.save_model(skeleton, path)
 
 
-def _is_repeated_field(field) -> bool:
-    repeated = getattr(field, "is_repeated", None)
-    return repeated if repeated is not None else field.label == field.LABEL_REPEATED
+def _copy_fields(source, target, skip: str) -> None:
+    """Every set field of `source` but `skip`, copied into `target`."""
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        if _is_repeated(field):
+            getattr(target, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
 
 
 def _relocate_external_data(model_path: str, location: str) -> None:
