@@ -114,6 +114,7 @@ def _apply(model, passes, example_inputs, verify, return_report, inplace, option
     report.nodes_after = op_counts(graph)
     report.graph_after = snapshot(graph)
     out = frontend.export(graph, copy_originals=not inplace)
+    report.notes = frontend.notes(graph)  # after the export, which counts what it wrote back
     record_passes(out, pass_objects, options)
     return (out, report) if return_report else out
 

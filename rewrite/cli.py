@@ -43,6 +43,35 @@ def parse_shape(text: str) -> tuple[int, ...]:
         raise ModelLoadError(f"an input shape is comma-separated integers, not {text!r}") from None
 
 
+def parse_named_shape(text: str) -> tuple[str | None, tuple[int, ...]]:
+    """'NAME:1,3,224,224' (an ONNX input by name) or '1,3,224,224' (the next input in order)."""
+    name, _, dims = text.rpartition(":")
+    return (name or None), parse_shape(dims)
+
+
+def _onnx_example_inputs(path, args):
+    """Random inputs of the --input-shape shapes for an ONNX model (None when none are given)."""
+    if not args.input_shape:
+        return None
+    import onnx
+
+    from .frontends.onnx_verify import check_input_shapes, graph_inputs, random_inputs
+
+    model = onnx.load(path, load_external_data=False)  # the declarations only; apply loads the model
+    names = [v.name for v in graph_inputs(model)]
+    shapes = {}
+    for position, text in enumerate(args.input_shape):
+        name, shape = parse_named_shape(text)
+        if name is None:
+            if position >= len(names):
+                raise ModelLoadError(f"--input-shape {text!r}: the model has {len(names)} input(s) ({', '.join(names)})",
+                                     where=f"file {path}")
+            name = names[position]
+        shapes[name] = shape
+    check_input_shapes(model, shapes, f"file {path}")
+    return random_inputs(model, args.seed, shapes)
+
+
 def model_kind(model: Any) -> str:
     """'onnx' for what load_model returns for ONNX (its path) and for a ModelProto result, else 'torch'."""
     return "onnx" if isinstance(model, (str, os.PathLike)) or type(model).__name__ == "ModelProto" else "torch"
@@ -95,6 +124,8 @@ def _cmd_apply(args) -> int:
     example = None
     if kind == "torch":
         model, example = _example_inputs(model, args)
+    else:
+        example = _onnx_example_inputs(model, args)
     from .api import apply
 
     out, report = apply(model, passes, example_inputs=example, verify=args.verify, return_report=True,
@@ -152,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"check every pass numerically; exit {EXIT_NOT_EQUIVALENT} on a mismatch, "
                         f"{EXIT_NOT_VERIFIABLE} if the model cannot be run to check it")
     a.add_argument("--input-shape", action="append",
-                   help="shape of a torch model's input, e.g. 1,3,224,224 (repeat for several inputs)")
+                   help="shape of an input, e.g. 1,3,224,224 (repeat for several inputs); for ONNX also "
+                        "NAME:1,3,224,224 by input name (default: the declared shapes, symbolic dims drawn)")
     a.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="torch model dtype")
     a.add_argument("--seed", type=int, default=0, help="seed of the random example inputs")
     a.add_argument("--train", action="store_true", help="keep a built model in training mode (default: eval)")

@@ -54,6 +54,7 @@ class Report:
     graph_before: Any = None  # report_html.GraphSnapshot, for to_html()
     graph_after: Any = None
     capture: str = ""  # how a torch model was captured, when it was not plain symbolic_trace
+    notes: list[str] = field(default_factory=list)  # from the frontend: what loading the model did
 
     def to_html(self, title: str = "rewrite report") -> str:
         """One self-contained HTML page (see rewrite.report_html)."""
@@ -77,6 +78,7 @@ class Report:
             "capture": self.capture,
             "nodes_before": self.nodes_before,
             "nodes_after": self.nodes_after,
+            "notes": list(self.notes),
             "passes": [
                 {
                     "name": p.name,
@@ -121,6 +123,9 @@ class Report:
                     where = ", ".join(sites[:EXAMPLES]) + more
                     lines.append(f"  {len(sites):>4} x {p.name}/{rule}: {reason}" +
                                  (f"  [{where}]" if len(sites) > 1 else ""))
+        if self.notes:
+            lines.append("")
+            lines.extend(self.notes)
         if self.nodes_before:
             changed = sorted(set(self.nodes_before) | set(self.nodes_after))
             diffs = [f"{k} {self.nodes_before.get(k, 0)}->{self.nodes_after.get(k, 0)}" for k in changed

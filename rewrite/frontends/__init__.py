@@ -36,6 +36,10 @@ class Frontend:
         """The graph written back in a form `reference(...).check` runs (by default, the exported model)."""
         return self.export(graph, copy_originals=False)
 
+    def notes(self, graph: Graph) -> list[str]:
+        """Lines for the report about what loading the model did (constants folded, shapes used)."""
+        return []
+
     def verify(self, original: Any, rewritten: Any, example_inputs=None, **options):
         return self.reference(original, example_inputs, **options).check(rewritten)
 

@@ -5,16 +5,17 @@ import os
 import re
 from typing import Any
 
+import numpy as np
 import onnx
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, RewriteError
 from ..files import first_line
 from ..ir import Graph
 from . import Frontend
 from .onnx_export import emit_model
 from .onnx_import import OnnxImporter
 from .onnx_io import check_onnx, describe, load_onnx, save_onnx, weightless_copy
-from .onnx_verify import SYMBOLIC_DIM, OnnxReference, as_feeds, float64_feeds, float64_model, random_inputs, verify_onnx
+from .onnx_verify import OnnxReference, as_feeds, choose_sizes, float64_feeds, float64_model, random_inputs, verify_onnx
 
 __all__ = ["OnnxFrontend", "load_onnx", "save_onnx", "import_onnx", "export_onnx", "verify_onnx", "random_inputs"]
 
@@ -42,26 +43,15 @@ def _inferred(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
 
 
 def _symbol_sizes(model: onnx.ModelProto, example_inputs) -> dict[str, int]:
-    """Sizes for the symbolic dims of graph inputs: from example inputs, else SYMBOLIC_DIM for a leading (batch) dim."""
-    initializers = {i.name for i in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in initializers]
-    examples: dict[str, Any] = {}
-    if isinstance(example_inputs, dict):
-        examples = dict(example_inputs)
-    elif example_inputs is not None:
-        items = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-        examples = {i.name: t for i, t in zip(inputs, items)}
-    sizes: dict[str, int] = {}
-    for value in inputs:
-        example = examples.get(value.name)
-        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
-            if dim.HasField("dim_value") or not dim.dim_param:
-                continue
-            if example is not None and hasattr(example, "shape") and axis < len(example.shape):
-                sizes[dim.dim_param] = int(example.shape[axis])
-            elif axis == 0:
-                sizes.setdefault(dim.dim_param, SYMBOLIC_DIM)
-    return sizes
+    """Sizes for the symbolic dims of graph inputs: from example inputs, else SYMBOLIC_DIM for a leading
+    (batch) dim; other symbols stay unknown, so passes that need them refuse and ask for example inputs."""
+    given = {}
+    if example_inputs is not None:
+        try:
+            given = {name: tuple(np.shape(array)) for name, array in as_feeds(model, example_inputs).items()}
+        except RewriteError:
+            given = {}
+    return choose_sizes(model, given, everything=False)
 
 
 def _concretize_shapes(graph: Graph, model: onnx.ModelProto, example_inputs) -> None:
@@ -73,23 +63,67 @@ def _concretize_shapes(graph: Graph, model: onnx.ModelProto, example_inputs) -> 
     """
     sizes = _symbol_sizes(model, example_inputs)
     values = list(graph.inputs) + [v for node in graph.nodes for v in node.outputs]
+    unknown = []
     for value in values:
-        if value.shape is None or all(isinstance(d, int) for d in value.shape):
+        if value.shape is not None and all(isinstance(d, int) for d in value.shape):
             continue
-        dims = tuple(sizes.get(d) if isinstance(d, str) else d for d in value.shape)
-        value.shape = dims if all(isinstance(d, int) for d in dims) else None
+        dims = None if value.shape is None else tuple(sizes.get(d) if isinstance(d, str) else d for d in value.shape)
+        value.shape = dims if dims is not None and all(isinstance(d, int) for d in dims) else None
+        if value.shape is None and value.name:
+            unknown.append(value)
+    if unknown and sizes:
+        concrete = _concrete_shapes(model, sizes)
+        for value in unknown:
+            value.shape = concrete.get(value.name)
+    graph.meta["onnx_input_sizes"] = sizes
 
 
-def import_onnx(model_or_path: Any, example_inputs=None) -> Graph:
-    """Load (and check) an ONNX model or path and build its IR. The input model is never changed."""
+def _concrete_shapes(model: onnx.ModelProto, sizes: dict[str, int]) -> dict[str, tuple]:
+    """Every tensor's shape when the graph inputs' symbols take `sizes`: onnx's shape inference (with
+    data propagation, so shape subgraphs count) on a weightless copy whose inputs are static."""
+    light = weightless_copy(model, keep_dims=True)
+    for value in light.graph.input:
+        for dim in value.type.tensor_type.shape.dim:
+            if not dim.HasField("dim_value") and dim.dim_param in sizes:
+                dim.dim_value = sizes[dim.dim_param]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
+    except Exception:  # shapes help the passes; without them they refuse, saying so
+        return {}
+    found = {}
+    for info in list(inferred.graph.value_info) + list(inferred.graph.output):
+        tensor_type = info.type.tensor_type
+        if tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in tensor_type.shape.dim):
+            found[info.name] = tuple(d.dim_value for d in tensor_type.shape.dim)
+    return found
+
+
+def _check_external_data_loaded(model: onnx.ModelProto) -> None:
+    """A ModelProto does not know its folder: external data left unloaded would be read against the working
+    directory, so it is refused (a path is loaded with its data, from the model's folder)."""
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "?")
+            raise ModelLoadError(f"initializer {tensor.name!r} keeps its data in {location!r}, which was not loaded: "
+                                 "pass the model's path, or onnx.load it with load_external_data=True",
+                                 where=describe(model))
+
+
+def import_onnx(model_or_path: Any, example_inputs=None, fold_constants: bool = False) -> Graph:
+    """Load (and check) an ONNX model or path and build its IR. The input model is never changed.
+
+    Constant subgraphs are folded for the passes; `fold_constants=True` also writes those no rewrite
+    consumed as initializers (by default they are written back as they were)."""
     if isinstance(model_or_path, (str, os.PathLike)):
         model = load_onnx(model_or_path)
     elif isinstance(model_or_path, onnx.ModelProto):
         model = model_or_path
+        _check_external_data_loaded(model)
         check_onnx(model)
     else:
         raise ModelLoadError(f"expected an onnx.ModelProto or a .onnx path, got {type(model_or_path).__name__}")
-    graph = OnnxImporter(model, _inferred(model, describe(model_or_path)), describe(model_or_path)).run()
+    graph = OnnxImporter(model, _inferred(model, describe(model_or_path)), describe(model_or_path),
+                         fold_constants=fold_constants).run()
     _concretize_shapes(graph, model, example_inputs)
     return graph
 
@@ -99,11 +133,36 @@ def export_onnx(graph: Graph) -> onnx.ModelProto:
     return emit_model(graph)
 
 
+def import_notes(graph: Graph) -> list[str]:
+    """What the import did that the passes' reports do not say: constants folded, and how they are written."""
+    folded = graph.meta.get("onnx_folded", 0)
+    if not folded:
+        return []
+    left = graph.meta.get("onnx_folded_written", 0)  # counted by the last export
+    how = "as initializers" if graph.meta.get("onnx_fold_constants") else "as they were (Shape / CastLike as values)"
+    return [f"constant folding at import: {folded} nodes folded; {left} written back {how}, "
+            f"{folded - left} no longer needed after the rewrites"]
+
+
 class OnnxFrontend(Frontend):
     name = "onnx"
+    options = ("fold_constants",)
 
-    def load(self, model_or_path, example_inputs=None, **_):
-        return import_onnx(model_or_path, example_inputs)
+    def load(self, model_or_path, example_inputs=None, fold_constants=False, **_):
+        graph = import_onnx(model_or_path, example_inputs, fold_constants)
+        graph.meta["onnx_fold_constants"] = fold_constants
+        return graph
+
+    def notes(self, graph):
+        declared = {i.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                             for d in i.type.tensor_type.shape.dim] for i in graph.meta["onnx_model"].graph.input}
+        shapes = ", ".join(f"{v.name} " + ("x".join(map(str, v.shape)) if v.shape is not None else
+                                           "x".join(map(str, declared.get(v.name, ["?"]))) + " (symbolic: pass "
+                                           "example inputs / --input-shape to fix them)") for v in graph.inputs)
+        lines = [f"input shapes for the passes: {shapes}"]
+        if getattr(self, "verified_on", None):
+            lines.append(f"verified on inputs: {self.verified_on}")
+        return import_notes(graph) + lines
 
     def export(self, graph, copy_originals=True):
         return export_onnx(graph)  # always a new ModelProto; nothing is shared with the input
@@ -112,7 +171,9 @@ class OnnxFrontend(Frontend):
         return verify_onnx(original, rewritten, example_inputs, dtype=dtype, tolerance=tolerance, **options)
 
     def reference(self, original, example_inputs=None, tolerance=None, **options):
-        return OnnxReference(original, example_inputs, tolerance, **options)
+        reference = OnnxReference(original, example_inputs, tolerance, **options)
+        self.verified_on = reference.inputs_used  # for the report's notes
+        return reference
 
     def float64_copy(self, model, example_inputs=None):
         source = load_onnx(model) if isinstance(model, (str, os.PathLike)) else model

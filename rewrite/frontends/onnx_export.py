@@ -39,6 +39,7 @@ class OnnxEmitter:
         self.outer_initializers: dict[str, gs.Constant] = {}  # captured by subgraphs, exported by hand
         self.fixed_names: dict[int, str] = {}
         self.identity_outputs: list[tuple[Value, str]] = []
+        self.folded_written = 0  # nodes folded at import and written back (see onnx_fold)
 
     # -- naming -------------------------------------------------------------------------
     def fresh_tensor_name(self, base: str) -> str:
@@ -88,6 +89,7 @@ class OnnxEmitter:
         gs_graph = gs.Graph(nodes=self.nodes, inputs=inputs, outputs=outputs, name=self.model.graph.name,
                             doc_string=self.model.graph.doc_string, opset=self.opset)
         exported = gs.export_onnx(gs_graph, do_type_check=False)
+        self.graph.meta["onnx_folded_written"] = self.folded_written
         return self._finish(exported)
 
     def emit(self, node: Node) -> None:
@@ -112,6 +114,7 @@ class OnnxEmitter:
         """Write the original node again (once), its IR inputs wired to their exported tensors."""
         if id(origin) in self.emitted:
             return self.emitted[id(origin)]
+        self.folded_written += origin.folded
         if origin.is_initializer:
             outs = [origin.gs_node]
             self.emitted[id(origin)] = outs
@@ -221,6 +224,9 @@ class OnnxEmitter:
         by_name = {i.name: i for i in original.graph.input}
         del graph.input[:]
         graph.input.extend(by_name[v.name] for v in self.graph.inputs)
+        if original.ir_version < 4:  # IR 3 lists every initializer as a graph input too, new ones included
+            graph.input.extend(by_name.get(t.name) or onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+                               for t in graph.initializer)
         del graph.output[:]
         graph.output.extend(original.graph.output)
         _keep_value_info(graph, original.graph)
@@ -246,9 +252,26 @@ class OnnxEmitter:
 def _keep_value_info(graph: onnx.GraphProto, original: onnx.GraphProto) -> None:
     """Keep the original value_info of the tensors still made under their original names; no guesses."""
     made_now = {name for node in graph.node for name in node.output}
-    kept = [v for v in original.value_info if v.name in made_now]
+    # A node written back as it was may now compute a different shape (channels removed upstream):
+    # its original declaration would then contradict the IR's shape, written on the exported tensors.
+    now = {v.name: _dims(v) for v in graph.value_info}
+    kept = [v for v in original.value_info if v.name in made_now and _agree(_dims(v), now.get(v.name))]
     del graph.value_info[:]
     graph.value_info.extend(kept)
+
+
+def _dims(info: onnx.ValueInfoProto) -> list | None:
+    tensor_type = info.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+
+
+def _agree(declared: list | None, current: list | None) -> bool:
+    """No static dim of the declaration differs from the shape the IR gives the tensor now."""
+    if declared is None or current is None:
+        return True
+    return len(declared) == len(current) and all(a is None or b is None or a == b for a, b in zip(declared, current))
 
 
 def _all_tensor_names(graph: onnx.GraphProto) -> set[str]:

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import ModelLoadError
 from ..ir import Graph, Node, Value, clamp_bound
-from . import onnx_forms
+from . import onnx_fold, onnx_forms
 from .onnx_checks import check_batch_norm_params, check_conv_channels
 
 
@@ -50,6 +50,7 @@ class OnnxOrigin:
     output_names: list[str]
     pinned: dict = field(default_factory=dict)  # IR input index -> Value that must still be there
     captures: list = field(default_factory=list)  # (outer tensor name, IR input index) read by subgraphs
+    folded: bool = False  # a node folded into a constant at import (see onnx_fold)
 
     @property
     def is_initializer(self) -> bool:
@@ -113,8 +114,10 @@ def subgraph_captures(proto: onnx.NodeProto) -> list[str]:
 class OnnxImporter:
     """Builds the IR of one ModelProto."""
 
-    def __init__(self, model: onnx.ModelProto, inferred: onnx.ModelProto, source: str):
+    def __init__(self, model: onnx.ModelProto, inferred: onnx.ModelProto, source: str, fold_constants: bool = False):
         self.model = model
+        self.fold_constants = fold_constants  # write folded nodes as initializers, not as they were
+        self.folded = 0  # nodes folded into constants
         self.source = source
         self.gs_graph = gs.import_onnx(model)
         _add_inferred_types(self.gs_graph, inferred)
@@ -141,10 +144,19 @@ class OnnxImporter:
         for tensor in self.gs_graph.outputs:
             outputs.append(self.value_of(tensor, f"graph output {tensor.name!r}"))
         self.graph.outputs = outputs
+        self._drop_unread_folds()
         self.graph.meta.update(frontend="onnx", onnx_model=self.model, onnx_opset=self.opset,
                                onnx_output_names=[t.name for t in self.gs_graph.outputs],
-                               onnx_source=self.source)
+                               onnx_source=self.source, onnx_folded=self.folded)
         return self.graph
+
+    def _drop_unread_folds(self) -> None:
+        """Folded constants read only as parameters are not nodes of the model (they are written back
+        from their readers' origins when needed), so `cleanup` does not count them as dead code."""
+        for node in list(self.graph.nodes):
+            if (node.kind == "constant" and isinstance(node.origin, OnnxOrigin) and node.origin.folded
+                    and self.graph.external_uses(node.output) == 0):
+                self.graph.erase(node)
 
     # -- values ---------------------------------------------------------------------------
     def value_of(self, tensor, where: str) -> Value:
@@ -166,8 +178,16 @@ class OnnxImporter:
     def initializer(self, tensor) -> torch.Tensor:
         """One torch tensor per initializer, so every reader of a shared initializer holds the same object."""
         if tensor.name not in self.init_values:
-            self.init_values[tensor.name] = to_torch(tensor.values)
+            proto = self._initializer_protos().get(tensor.name)
+            # From the TensorProto itself: gs's `tensor.values` would keep a second copy cached in the gs graph.
+            self.init_values[tensor.name] = to_torch(tensor.values if proto is None else
+                                                     onnx.numpy_helper.to_array(proto))
         return self.init_values[tensor.name]
+
+    def _initializer_protos(self) -> dict:
+        if self._initializers is None:
+            self._initializers = {t.name: t for t in self.model.graph.initializer}
+        return self._initializers
 
     def constant_of(self, tensor) -> torch.Tensor | None:
         """The tensor's value if it is a constant (initializer, Constant node, Identity of one)."""
@@ -180,9 +200,7 @@ class OnnxImporter:
 
     def outer_initializer(self, name: str):
         """An initializer of the main graph read only inside subgraphs (gs does not list it)."""
-        if self._initializers is None:
-            self._initializers = {t.name: t for t in self.model.graph.initializer}
-        proto = self._initializers.get(name)
+        proto = self._initializer_protos().get(name)
         if proto is None:
             return None
         return gs.Constant(name, onnx.numpy_helper.to_array(proto))
@@ -207,7 +225,9 @@ class OnnxImporter:
             handler = HANDLERS.get(gs_node.op) or onnx_forms.HANDLERS.get(gs_node.op)
             if handler is None and gs_node.op in self.forms:
                 handler = onnx_forms.generic_handler(self.forms[gs_node.op])
-        node = handler(self, gs_node, proto) if handler is not None else None
+        node = self._fold(gs_node, proto) if onnx_fold.foldable(proto) else None
+        if node is None:
+            node = handler(self, gs_node, proto) if handler is not None else None
         if node is None:
             node = self._opaque(gs_node, proto)
         for value, tensor in zip(node.outputs, gs_node.outputs):
@@ -216,6 +236,64 @@ class OnnxImporter:
                 value.shape, value.dtype = _shape(tensor), torch_dtype(tensor.dtype)
             if tensor.name:
                 self.env[tensor.name] = value
+
+    def _array_of(self, tensor) -> np.ndarray | None:
+        value = self.constant_of(tensor)
+        if value is None:
+            return None
+        try:
+            return value.numpy()
+        except TypeError:  # bfloat16 and kin have no numpy form
+            return None
+
+    def _fold(self, gs_node, proto) -> Node | None:
+        """The node as a constant when its value does not depend on the graph's inputs (see onnx_fold)."""
+        tensors = list(gs_node.inputs)
+        if proto.op_type in ("Shape", "Size") and self.constant_of(tensors[0]) is None:
+            value = onnx_fold.static_shape_value(proto, _shape(tensors[0]))
+            return None if value is None else self._folded_value(gs_node, proto, value, as_initializer=True)
+        like = proto.op_type == "CastLike" and len(tensors) == 2 and self.constant_of(tensors[1]) is None
+        if like:  # CastLike reads only the type of its second input
+            if tensors[1].dtype is None:
+                return None
+        arrays = []
+        for i, tensor in enumerate(tensors):
+            if not tensor.name:
+                arrays.append(None)
+            elif like and i == 1:
+                arrays.append(np.empty(0, dtype=np.dtype(tensors[1].dtype)))
+            else:
+                array = self._array_of(tensor)
+                if array is None:
+                    return None
+                arrays.append(array)
+        out = gs_node.outputs[0]
+        if onnx_fold.too_big(_shape(out), np.dtype(out.dtype).itemsize if out.dtype is not None else 1, arrays):
+            return None  # known before running it from the inferred shape
+        value = onnx_fold.evaluate(proto, arrays, self.opset)
+        if value is None:
+            return None
+        return self._folded_value(gs_node, proto, value, as_initializer=like or self.fold_constants)
+
+    def _folded_value(self, gs_node, proto, array: np.ndarray, as_initializer: bool) -> Node | None:
+        """A constant node for a folded node: written back as the original node (its constant inputs
+        with it) while no rewrite consumes it, or as an initializer of its value when `as_initializer`
+        (a node that also reads a non-constant, like Shape(x), has nothing else to be written from)."""
+        try:
+            value = onnx_fold.as_tensor(array)
+        except TypeError:  # a numpy type torch does not have
+            return None
+        self.folded += 1
+        name = gs_node.outputs[0].name
+        if not as_initializer:
+            node = self.make("constant", gs_node, proto, [], [self.orig(t) for t in gs_node.inputs],
+                             params={"value": value})
+            node.origin.folded = True
+            return node
+        node = Node("constant", name, params={"value": value})
+        record(node, OnnxOrigin(None, gs.Constant(name, array), [], [name], folded=True))
+        self.graph.append(node)
+        return node
 
     def make(self, kind: str, gs_node, proto, inputs: list[Value], slots: list, attrs: dict | None = None,
              params: dict | None = None, pinned: dict | None = None, num_outputs: int = 1) -> Node:
@@ -299,26 +377,45 @@ def _input(gs_node, i: int):
     return gs_node.inputs[i] if len(gs_node.inputs) > i and gs_node.inputs[i].name else None
 
 
-def _pairs(pads: list[int], dims: int) -> tuple:
+def _pairs(pads: list[int], dims: int, where: str = "") -> tuple:
+    if len(pads) != 2 * dims:
+        raise ModelLoadError(f"pads has {len(pads)} values; a {dims}-D window needs {2 * dims} "
+                             "(a begin and an end per spatial axis)", where=where)
     return tuple((int(pads[i]), int(pads[i + dims])) for i in range(dims))
 
 
-def _spatial_pads(imp, gs_node, kernel, stride, dilation) -> tuple | None:
-    """(before, after) pads per spatial dim, resolving auto_pad when the input size is known."""
-    dims = len(kernel)
+def _auto_pad(gs_node) -> str:
     auto = gs_node.attrs.get("auto_pad", "NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
-    if auto in ("NOTSET", ""):
-        pads = gs_node.attrs.get("pads", [0] * 2 * dims)
-        return _pairs(pads, dims)
+    return (auto.decode() if isinstance(auto, bytes) else auto) or "NOTSET"
+
+
+def _spatial_pads(imp, gs_node, kernel, stride, dilation) -> tuple | None:
+    """(before, after) pads per spatial dim, auto_pad resolved: VALID is none, SAME_* is exact for any
+    size along a stride-1 axis and needs a static size along a strided one (else None: kept as it is)."""
+    dims = len(kernel)
+    where = f"{imp.source}, node {gs_node.name or gs_node.op}"
+    for name, values in (("strides", stride), ("dilations", dilation)):
+        if len(values) != dims:
+            raise ModelLoadError(f"{name} has {len(values)} values for a {dims}-D window", where=where)
+    auto = _auto_pad(gs_node)
+    if auto == "NOTSET":
+        return _pairs(gs_node.attrs.get("pads", [0] * 2 * dims), dims, where)
     if auto == "VALID":
         return ((0, 0),) * dims
+    if auto not in ("SAME_UPPER", "SAME_LOWER"):
+        raise ModelLoadError(f"auto_pad {auto!r} is not one of NOTSET, VALID, SAME_UPPER, SAME_LOWER", where=where)
     shape = _data(imp, gs_node.inputs[0]).shape
-    if shape is None or len(shape) != dims + 2 or not all(isinstance(s, int) for s in shape[2:]):
-        return None  # SAME_* pads depend on a size we do not know
+    if shape is not None and len(shape) != dims + 2:
+        return None
     pads = []
-    for size, k, s, d in zip(shape[2:], kernel, stride, dilation):
-        total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+    for axis, (k, s, d) in enumerate(zip(kernel, stride, dilation)):
+        size = shape[2 + axis] if shape is not None else None
+        if s == 1:
+            total = (k - 1) * d  # the output is as long as the input, whatever its size
+        elif isinstance(size, int):
+            total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+        else:
+            return None  # a strided SAME pad depends on a size that is not static
         small, big = total // 2, total - total // 2
         pads.append((small, big) if auto == "SAME_UPPER" else (big, small))
     return tuple(pads)
@@ -343,9 +440,10 @@ def _conv(imp: OnnxImporter, gs_node, proto) -> Node | None:
     check_conv_channels(tuple(weight.shape), groups, transpose, in_shape[1] if in_shape and len(in_shape) > 1 else None,
                         None if bias is None else bias.numel(), f"{imp.source}, node {proto.name or proto.op_type}")
     if transpose:
-        if "output_shape" in a or a.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
-            return None  # output_shape / auto_pad derive the pads from sizes; keep the node as it is
-        attrs = {"stride": stride, "padding": _pairs(a.get("pads", [0] * 2 * dims), dims),
+        if "output_shape" in a or _auto_pad(gs_node) not in ("NOTSET", "VALID"):
+            return None  # output_shape / SAME derive the pads from sizes; keep the node as it is
+        pads = [0] * 2 * dims if _auto_pad(gs_node) == "VALID" else a.get("pads", [0] * 2 * dims)
+        attrs = {"stride": stride, "padding": _pairs(pads, dims, f"{imp.source}, node {proto.name or proto.op_type}"),
                  "output_padding": tuple(a.get("output_padding", [0] * dims)), "dilation": dilation,
                  "groups": groups}
     else:
@@ -595,11 +693,34 @@ def _flatten(imp, gs_node, proto) -> Node | None:
     return imp.make("flatten", gs_node, proto, [x], [In(0)], {"start_dim": 1, "end_dim": -1})
 
 
+def _flattens(x_shape, target, allowzero: bool) -> bool:
+    """Is Reshape(x, target) flatten(x, 1)? It is when the result is 2-D and its first dim is x's first:
+    the element count then fixes the second. `target` is the constant shape, or the inferred output
+    shape (symbols as strings), so a dynamic batch counts only when onnx's symbolic inference proved
+    that it is x's own."""
+    if x_shape is None or len(x_shape) < 2 or target is None or len(target) != 2:
+        return False
+    first = x_shape[0] if target[0] == 0 and not allowzero else target[0]
+    return first is not None and first == x_shape[0] and (not isinstance(first, int) or first > 0)
+
+
 def _reshape(imp, gs_node, proto) -> Node | None:
+    x = _data(imp, gs_node.inputs[0])
     shape = imp.constant_of(gs_node.inputs[1])
+    allowzero = bool(gs_node.attrs.get("allowzero", 0))
     if shape is None:
-        return None
+        # A shape computed from the input's own (symbolic) size, as view(x.size(0), -1) exports: a flatten
+        # when symbolic inference proves it. Written anew as Flatten: its shape subgraph has no constant form.
+        if not _flattens(x.shape, _shape(gs_node.outputs[0]), allowzero):
+            return None
+        node = Node("flatten", proto.name or f"Reshape_{len(imp.graph)}", [x], {"start_dim": 1, "end_dim": -1})
+        node.scope = proto.name or None
+        imp.graph.append(node)
+        return node
     shape = tuple(int(s) for s in shape.reshape(-1))
+    if _flattens(x.shape, shape, allowzero):  # channel removal follows a flatten into the classifier
+        return imp.make("flatten", gs_node, proto, [x], [In(0), imp.orig(gs_node.inputs[1])],
+                        {"start_dim": 1, "end_dim": -1})
     if 0 in shape and not gs_node.attrs.get("allowzero", 0):
         return None  # ONNX 0 copies an input dim; torch 0 means an empty dim
     return imp.make("reshape", gs_node, proto, [_data(imp, gs_node.inputs[0])],

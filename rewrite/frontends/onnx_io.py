@@ -14,7 +14,7 @@ import onnx
 
 from ..errors import ModelLoadError
 from ..files import atomic_write, first_line
-from .onnx_checks import check_text
+from .onnx_checks import _is_repeated, check_text
 
 # Protobuf refuses to serialize a message of 2 GB or more; stay clearly below it.
 PROTOBUF_LIMIT = 2**31 - 2**20
@@ -169,10 +169,7 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, external_data: bo
         # The data file is written under a temporary name too, and moved into place before the model.
         tmp_data = tmp + ".data"
         try:
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)  # save_model moves the tensors of the model it is given to external data
-            onnx.save_model(copy, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=os.path.basename(tmp_data), size_threshold=0)
+            _save_external(model, tmp, tmp_data)
             _relocate_external_data(tmp, data_name)
             os.replace(tmp_data, path.parent / data_name)
         finally:
@@ -180,6 +177,57 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, external_data: bo
                 os.unlink(tmp_data)
 
     return atomic_write(path, write)
+
+
+def _save_external(model: onnx.ModelProto, path: str, data_path: str) -> None:
+    """Save with the main graph's raw tensors in `data_path`, one tensor in memory at a time and no copy of
+    the model: the saved proto is the model's skeleton (all but the initializers' bytes) with external
+    references, and `model` is left as it was."""
+    skeleton = onnx.ModelProto()
+    _copy_fields(model, skeleton, skip="graph")
+    graph = skeleton.graph
+    _copy_fields(model.graph, graph, skip="initializer")
+    location = os.path.basename(data_path)
+
+    def move(stub: onnx.TensorProto, raw: bytes, data) -> None:
+        offset = data.tell()
+        length = data.write(raw)
+        for key, entry in (("location", location), ("offset", str(offset)), ("length", str(length))):
+            item = stub.external_data.add()
+            item.key, item.value = key, entry
+        stub.data_location = onnx.TensorProto.EXTERNAL
+
+    with open(data_path, "wb") as data:
+        for tensor in model.graph.initializer:
+            stub = graph.initializer.add()
+            if not tensor.HasField("raw_data") or tensor.data_location == onnx.TensorProto.EXTERNAL:
+                stub.CopyFrom(tensor)  # typed fields (small by nature) stay inline
+                continue
+            stub.name, stub.data_type = tensor.name, tensor.data_type
+            if tensor.HasField("doc_string"):
+                stub.doc_string = tensor.doc_string
+            stub.dims.extend(tensor.dims)
+            move(stub, tensor.raw_data, data)  # one tensor's bytes at a time
+        for node in graph.node:  # Constant values, in the skeleton's own copy of the nodes
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR and attr.t.HasField("raw_data"):
+                    raw = attr.t.raw_data
+                    attr.t.ClearField("raw_data")
+                    move(attr.t, raw, data)
+    onnx.save_model(skeleton, path)
+
+
+def _copy_fields(source, target, skip: str) -> None:
+    """Every set field of `source` but `skip`, copied into `target`."""
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        if _is_repeated(field):
+            getattr(target, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
 
 
 def _relocate_external_data(model_path: str, location: str) -> None:

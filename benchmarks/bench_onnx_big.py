@@ -1,0 +1,137 @@
+"""fold_bn + save + verify on a generated ONNX model with external data (default about 2.2 GB of weights).
+
+    python benchmarks/bench_onnx_big.py [--gb 2.2] [--dir /tmp] [--keep]
+
+The model (a stack of 1024-channel 3x3 Conv + BatchNormalization + Relu, float32, 4x4 input) is
+written with onnx.save(..., save_as_external_data=True) to a temporary folder. Each step runs in a
+fresh process so its peak RSS is its own: `rewrite.apply(path, ["fold_bn"])` + `save_onnx`, then
+`rewrite.verify(original, rewritten)` in onnxruntime, then onnxsim on the same file (which cannot
+load models over 2 GB: protobuf's limit). Prints wall time, peak RSS and peak RSS / weight bytes.
+The folder is removed afterwards unless --keep.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+CHANNELS = 1024
+LAYER_BYTES = CHANNELS * CHANNELS * 9 * 4
+
+
+def generate(path: str, gb: float) -> int:
+    """Write the model; returns its weight bytes. Tensors are made and attached one by one."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    layers = max(1, round(gb * 1e9 / LAYER_BYTES))
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "x"
+    for i in range(layers):
+        w = (rng.standard_normal((CHANNELS, CHANNELS, 3, 3), dtype=np.float32) * (1 / 96)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        for name, values in (("g", rng.uniform(0.5, 1.5, CHANNELS)), ("b", rng.standard_normal(CHANNELS)),
+                             ("m", rng.standard_normal(CHANNELS) * 0.1), ("v", rng.uniform(0.5, 2.0, CHANNELS))):
+            inits.append(numpy_helper.from_array(values.astype(np.float32), f"{name}{i}"))
+        nodes += [helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]),
+                  helper.make_node("BatchNormalization", [f"c{i}", f"g{i}", f"b{i}", f"m{i}", f"v{i}"], [f"n{i}"],
+                                   name=f"bn{i}"),
+                  helper.make_node("Relu", [f"n{i}"], [f"r{i}"], name=f"relu{i}")]
+        x = f"r{i}"
+        del w
+    graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, CHANNELS, 4, 4])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, CHANNELS, 4, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+              location=os.path.basename(path) + ".data", size_threshold=1024)
+    return sum(t.ByteSize() for t in inits)
+
+
+def peak_rss() -> int:
+    """This process's peak RSS (VmHWM: unlike ru_maxrss, not inherited from the parent across fork + exec)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def step(name: str, src: str, dst: str) -> dict:
+    """One measured step, in this (fresh) process."""
+    import torch
+
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    result: dict = {}
+    if name == "generate":
+        result["weights"] = generate(src, float(dst))
+    elif name == "fold_bn+save":
+        import rewrite
+        from rewrite.frontends.onnx import save_onnx
+
+        out, report = rewrite.apply(src, ["fold_bn"], return_report=True)
+        result["folded"] = report["fold_bn"].result.counts.get("fold_bn_into_conv", 0)
+        save_onnx(out, dst)
+    elif name == "verify":
+        import rewrite
+
+        check = rewrite.verify(src, dst)
+        result.update(ok=check.ok, max_rel=check.max_rel)
+    elif name == "onnxsim":
+        import onnx
+        import onnxsim
+
+        try:
+            onnxsim.simplify(onnx.load(src))
+            result["ok"] = True
+        except Exception as exc:  # the protobuf limit, on models past 2 GB
+            result.update(ok=False, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+    result.update(seconds=time.perf_counter() - start, peak_rss=peak_rss())
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gb", type=float, default=2.2)
+    parser.add_argument("--dir", default=tempfile.gettempdir())
+    parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--steps", default="fold_bn+save,verify,onnxsim")
+    parser.add_argument("--step", help=argparse.SUPPRESS)
+    parser.add_argument("--src", help=argparse.SUPPRESS)
+    parser.add_argument("--dst", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.step:
+        print(json.dumps(step(args.step, args.src, args.dst)))
+        return
+    free = shutil.disk_usage(args.dir).free
+    if free < 3 * args.gb * 1e9:
+        sys.exit(f"{args.dir} has {free / 1e9:.1f} GB free; the model and its rewrite need {3 * args.gb:.1f}")
+    folder = tempfile.mkdtemp(prefix="rewrite-big-", dir=args.dir)
+    try:
+        src, dst = os.path.join(folder, "big.onnx"), os.path.join(folder, "big.folded.onnx")
+        print(f"{'step':<14} {'seconds':>8} {'peak RSS GB':>12} {'x weights':>10}  result")
+        weights = None
+        for name in ["generate"] + args.steps.split(","):
+            run = subprocess.run([sys.executable, __file__, "--step", name, "--src", src,
+                                  "--dst", str(args.gb) if name == "generate" else dst], capture_output=True, text=True)
+            if run.returncode:
+                print(f"{name:<14} failed: {run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode}")
+                continue
+            r = json.loads(run.stdout.strip().splitlines()[-1])
+            weights = weights or r.get("weights")
+            extra = {k: v for k, v in r.items() if k not in ("seconds", "peak_rss")}
+            print(f"{name:<14} {r['seconds']:>8.1f} {r['peak_rss'] / 1e9:>12.2f} {r['peak_rss'] / weights:>10.2f}  {extra}")
+    finally:
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""The ONNX export matrix of issue 15: models x exporters x opsets x dynamic axes x post-processing tools.
+
+    .venv/bin/python scripts/onnx_matrix.py [--models resnet18,repvgg_a0] [--quick]
+
+For each ONNX file, runs fold_bn, fuse_branches and remove_residual (then cleanup) and prints the Conv /
+BatchNormalization / Add counts next to the torch path's on the same model, whether onnxruntime agrees
+(max relative error), and the first refusal reason when the counts differ. Not a test: the full matrix
+takes minutes; tests/test_onnx_fold.py and tests/test_onnx_shapes.py hold a fast subset.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import io
+import logging
+import warnings
+
+import onnx
+import torch
+
+import rewrite
+from rewrite.testing import randomize_bn
+
+PASSES = ["fold_bn", "fuse_branches", "remove_residual", "cleanup"]
+SIZE = 32
+
+
+def build(name: str) -> torch.nn.Module:
+    import timm
+    import torchvision
+
+    makers = {"resnet18": lambda: torchvision.models.resnet18(num_classes=10),
+              "mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(num_classes=10),
+              "efficientnet_b0": lambda: torchvision.models.efficientnet_b0(num_classes=10),
+              "repvgg_a0": lambda: timm.create_model("repvgg_a0", num_classes=10),
+              "mobileone_s0": lambda: timm.create_model("mobileone_s0", num_classes=10)}
+    torch.manual_seed(0)
+    return randomize_bn(makers[name]().eval(), seed=1)
+
+
+def export(model, exporter: str, opset: int, dynamic: str) -> onnx.ModelProto:
+    x = torch.randn(1, 3, SIZE, SIZE)
+    axes = {"batch": {0: "n"}, "hw": {0: "n", 2: "h", 3: "w"}, "static": None}[dynamic]
+    if exporter.startswith("dynamo"):
+        shapes = None if axes is None else ({k: torch.export.Dim.AUTO for k in axes},)
+        program = torch.onnx.export(model, (x,), dynamo=True, optimize=exporter == "dynamo_opt", opset_version=opset,
+                                    dynamic_shapes=shapes, verbose=False)
+        return program.model_proto
+    buffer = io.BytesIO()
+    torch.onnx.export(model, (x,), buffer, dynamo=False, opset_version=opset, do_constant_folding=False,
+                      training=torch.onnx.TrainingMode.PRESERVE, input_names=["x"],
+                      dynamic_axes=None if axes is None else {"x": axes})
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def post(model: onnx.ModelProto, tool: str) -> onnx.ModelProto:
+    if tool == "onnxsim":
+        import onnxsim
+        return onnxsim.simplify(model)[0]
+    if tool == "onnxoptimizer":
+        import onnxoptimizer
+        return onnxoptimizer.optimize(model, ["fuse_bn_into_conv"])
+    if tool == "onnxscript":
+        import onnxscript.optimizer
+        return onnxscript.optimizer.optimize(model)
+    return model
+
+
+def onnx_counts(model) -> tuple:
+    c = collections.Counter(n.op_type for n in model.graph.node)
+    return c["Conv"], c["BatchNormalization"], c["Add"]
+
+
+def torch_counts(model) -> tuple:
+    x = torch.randn(1, 3, SIZE, SIZE)
+    out, report = rewrite.apply(model, PASSES, example_inputs=x, return_report=True)
+    kinds = report.nodes_after
+    return kinds.get("conv", 0), kinds.get("batch_norm", 0), kinds.get("add", 0)
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    torch.set_num_threads(1)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnet18,mobilenet_v3_small,efficientnet_b0,repvgg_a0,mobileone_s0")
+    parser.add_argument("--quick", action="store_true", help="a few configurations per model only")
+    args = parser.parse_args()
+    configs = [("legacy", 13, "static", ""), ("legacy", 17, "batch", ""), ("legacy", 17, "hw", ""),
+               ("legacy", 21, "batch", ""), ("dynamo_noopt", 18, "static", ""), ("dynamo_noopt", 18, "batch", ""),
+               ("dynamo_opt", 18, "batch", ""), ("dynamo_opt", 21, "static", ""),
+               ("legacy", 17, "batch", "onnxsim"), ("legacy", 17, "batch", "onnxoptimizer"),
+               ("dynamo_opt", 18, "static", "onnxscript")]
+    if args.quick:
+        configs = [configs[1], configs[5], configs[9]]
+    print(f"{'model':<19} {'exporter':<13} {'opset':>5} {'dynamic':<7} {'tool':<13} "
+          f"{'torch C/B/A':>11} {'onnx C/B/A':>11} {'max rel':>8}  note")
+    for name in args.models.split(","):
+        model = build(name)
+        reference = torch_counts(model)
+        for exporter, opset, dynamic, tool in configs:
+            row = f"{name:<19} {exporter:<13} {opset:>5} {dynamic:<7} {tool or '-':<13} {'%d/%d/%d' % reference:>11}"
+            try:
+                source = post(export(model, exporter, opset, dynamic), tool)
+                example = torch.randn(1, 3, SIZE, SIZE).numpy() if dynamic == "hw" else None
+                out, report = rewrite.apply(source, PASSES, example_inputs=example, return_report=True)
+                check = rewrite.verify(source, out, example)
+                counts = onnx_counts(out)
+                refused = [r.reason for p in report.passes for r in p.result.refused]
+                note = "" if counts == reference else (refused[0][:90] if refused else "(no refusal)")
+                print(f"{row} {'%d/%d/%d' % counts:>11} {check.max_rel:>8.1e}  {'' if check.ok else 'FAILED '}{note}")
+            except Exception as exc:  # a row of the table, not the end of it
+                print(f"{row} {'error':>11} {'':>8}  {type(exc).__name__}: {str(exc).splitlines()[0][:90]}")
+
+
+if __name__ == "__main__":
+    main()
