@@ -25,6 +25,34 @@ def test_input_model_is_never_mutated_and_result_shares_nothing():
     assert_same_state(before, model)
 
 
+class _CachesInForward(nn.Module):
+    """Caches a value computed from a parameter in a plain dict in eval mode, as timm's LeViT does."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.shift = nn.Parameter(torch.randn(4, 1, 1))
+        self.cache, self.seen = {}, []
+
+    def forward(self, x):
+        if "shift" not in self.cache:
+            self.cache["shift"] = self.shift * 2
+            self.seen.append("shift")
+        return self.bn(self.conv(x)) + self.cache["shift"]
+
+
+def test_tracing_leaves_a_module_s_own_caches_as_they_were():
+    model = randomize_bn(_CachesInForward()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    first = rewrite.apply(model, ["fold_bn"], example_inputs=x)
+    assert model.cache == {} and model.seen == []  # no fx proxy left behind in the user's model
+    second = rewrite.apply(model, ["fold_bn"], example_inputs=x)  # so a second call captures it again
+    with torch.no_grad():
+        want = model(x)
+        for out in (first, second):
+            assert (out(x) - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
 def test_inplace_may_share_untouched_modules():
     model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU(), nn.Linear(5, 2)).eval()
     out = rewrite.apply(model, ["fold_bn"], inplace=True)

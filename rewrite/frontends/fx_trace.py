@@ -100,10 +100,46 @@ def trace(module: torch.nn.Module, concrete_args: dict[str, Any] | None = None,
           leaf_modules: Iterable[type | str] = ()) -> fx.Graph:
     """Trace `module` to an fx.Graph, or raise TraceError naming the module and source line."""
     tracer = _Tracer(leaf_modules)
+    saved = _container_state(module)
     try:
         return tracer.trace(module, concrete_args=concrete_args)
     except Exception as exc:
         raise _trace_error(module, exc) from None
+    finally:
+        _restore(saved)
+
+
+# Attributes every nn.Module has (its parameters, buffers, submodules and hooks): fx restores those.
+_MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
+
+
+def _container_state(module: torch.nn.Module) -> list[tuple[Any, list]]:
+    """The contents of every plain dict / list a module keeps in its own attributes. A forward that
+    caches into one (timm LeViT's attention-bias cache in eval mode) would keep fx proxies there,
+    changing the user's model, and break its next run."""
+    saved = []
+    for m in module.modules():
+        for name, value in vars(m).items():
+            if name in _MODULE_INTERNALS:
+                continue
+            if type(value) in (dict, OrderedDict):
+                saved.append((value, list(value.items())))
+            elif type(value) is list:
+                saved.append((value, list(value)))
+    return saved
+
+
+def _restore(saved: list[tuple[Any, list]]) -> None:
+    for container, contents in saved:
+        if isinstance(container, dict):
+            if len(container) != len(contents) or any(container.get(k, _MISSING) is not v for k, v in contents):
+                container.clear()
+                container.update(contents)
+        elif len(container) != len(contents) or any(a is not b for a, b in zip(container, contents)):
+            container[:] = contents
+
+
+_MISSING = object()
 
 
 def _trace_error(module: torch.nn.Module, exc: Exception) -> TraceError:
