@@ -302,3 +302,38 @@ def test_exported_program_verify_without_inputs_draws_them():
     assert rewrite.verify(program, out).ok
     assert out.module()(torch.randn(2, 3, 7, 7)).shape == (2, 4, 5, 5)
     assert copy.deepcopy(out) is not None
+
+
+def test_a_buffer_forward_updates_is_not_folded():
+    class ReadsStatistics(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) + (self.bn.running_mean * 2.0).view(1, -1, 1, 1)
+
+    model = ReadsStatistics().train()
+    x = torch.randn(2, 3, 6, 6)
+    out = rewrite.apply(model, ["cleanup"], example_inputs=x, capture="export")
+    reference = copy.deepcopy(model)
+    for _ in range(2):  # the statistics move between calls: the rewrite must read them as they are
+        assert torch.allclose(out(x), reference(x), rtol=0, atol=1e-6)
+
+
+def test_in_place_layers_and_adds_through_export():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.act = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            out = self.act(self.bn(self.conv(x)))
+            out += x
+            return self.act(out)
+
+    model = randomize_bn(Block(), seed=4).eval()
+    x = torch.randn(2, 4, 6, 6)
+    out, report = rewrite.apply(model, ["fold_bn"], example_inputs=x, capture="export", return_report=True)
+    assert report.nodes_after == {"conv": 1, "relu": 2, "add": 1}
+    assert verify_torch(model, out, x).ok
