@@ -19,7 +19,7 @@ from written_blocks import (BNAndPad, ChannelAdd, DiverseBranchBlock, MaskedWeig
                             ShapeChecked, ValueDependent)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-FEW = settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FEW = settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def kinds(model: nn.Module, x) -> dict[str, int]:
@@ -47,14 +47,14 @@ def test_dbb_block_as_written_fuses_to_one_kxk_conv(cin, cout, k, size, seed):
     assert len(convs) == 1 and convs[0].weight.shape == (cout, cin, k, k) and convs[0].padding == (k // 2, k // 2)
     assert result.report.nodes_after == {"conv": 1}, result.report.nodes_after
     assert "torch.export" in result.report.capture
-    check_pass("fuse_branches", block, x.double(), dtype=torch.float64)
 
 
-def test_dbb_grouped_block_fuses_to_one_conv():
+def test_dbb_grouped_block_fuses_to_one_conv_in_float64_too():
     block = randomize_bn(DiverseBranchBlock(4, 4, 3, groups=2), seed=3).eval()
     x = torch.randn(1, 4, 8, 8)
     result = check_pass("fuse_branches", block, x)
     assert result.report.nodes_after == {"conv": 1}
+    check_pass("fuse_branches", block, x.double(), dtype=torch.float64)  # at 1e-10
 
 
 class BorderThen(nn.Module):
