@@ -108,7 +108,7 @@ def _out_of_place(graph: fx.Graph) -> bool:
     their out-of-place forms, in place; False (the graph left as it was) when some write needs
     functionalization: a write into a view, a parameter or an input, or a tensor something reads later."""
     order = {n: i for i, n in enumerate(graph.nodes)}
-    plans = []
+    plans, planned = [], set()
     for node in graph.nodes:
         if not _writes(node):
             continue
@@ -120,12 +120,15 @@ def _out_of_place(graph: fx.Graph) -> bool:
         if written != [0] or pure is None or pure._schema.is_mutable or not node.args:
             return False
         target = node.args[0]
-        if not isinstance(target, fx.Node) or target.op in ("placeholder", "get_attr") or _aliases(target):
+        fresh = target in planned  # an earlier in-place call that becomes out-of-place: a new tensor
+        if not isinstance(target, fx.Node) or target.op in ("placeholder", "get_attr") or \
+                (_aliases(target) and not fresh):
             return False
         others = [u for u in target.users if u is not node]
-        if any(order[u] > order[node] or _aliases(u) for u in others):
+        if any(order[u] > order[node] or (_aliases(u) and u not in planned) for u in others):
             return False  # read after the write, or viewed: only functionalization keeps that right
         plans.append((node, pure))
+        planned.add(node)
     for node, pure in plans:
         node.target = pure
     return True
