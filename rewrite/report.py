@@ -17,8 +17,8 @@ def reason_template(refusal: Refused) -> str:
     """The refusal's reason with the site's own names taken out, so like refusals read alike."""
     text = refusal.reason
     names = sorted({refusal.node, *refusal.modules, *refusal.node_names} - {""}, key=len, reverse=True)
-    for name in names:
-        text = text.replace(name, "<site>")
+    for name in names:  # whole names only: a module called "g" must not eat the g of "group"
+        text = re.sub(rf"(?<![\w.]){re.escape(name)}(?!\w)", "<site>", text)
     text = re.sub(r"\b[A-Za-z_]\w*(?:\.\w+)+\b", "<module>", text)  # other dotted module paths
     return re.sub(r"(?<=[A-Za-z])_\d+\b", "", text)  # cat_54 -> cat: graph names numbered by fx
 

@@ -112,3 +112,13 @@ def test_to_dict_and_report_json_carry_rule_node_names_and_modules(tmp_path):
     assert folds and all(len(r["node_names"]) == 2 and r["rule"] == "fold_bn_into_conv" for r in folds)
     assert folds[0]["modules"] == ["features.conv0", "features.norm0"] or folds[0]["modules"][::-1] == \
         ["features.conv0", "features.norm0"]
+
+
+def test_reason_templates_take_out_whole_site_names_only():
+    from rewrite.pass_manager import Refused
+    from rewrite.report import reason_template
+
+    short = Refused("r", "g", "grouped conv g keeps its groups equal; g.weight is read by gate_1", ("g",), ("g",))
+    assert reason_template(short) == "grouped conv <site> keeps its groups equal; <site>.weight is read by gate"
+    other = Refused("r", "h", "grouped conv h keeps its groups equal; h.weight is read by gate_7", ("h",), ("h",))
+    assert reason_template(other) == reason_template(short)  # like refusals read alike
