@@ -121,15 +121,18 @@ def _cmd_apply(args) -> int:
         check_output_path(path)
     if args.output:
         check_output_suffix(args.output, kind)
-    example = None
+    example, capture = None, {}
     if kind == "torch":
         model, example = _example_inputs(model, args)
+        capture = {"capture": args.capture or "auto"}
+    elif args.capture:
+        raise RewriteError(f"--capture is for torch models; {args.model} is an ONNX model, read as it is")
     else:
         example = _onnx_example_inputs(model, args)
     from .api import apply
 
     out, report = apply(model, passes, example_inputs=example, verify=args.verify, return_report=True,
-                        progress=not args.quiet and sys.stderr.isatty())
+                        progress=not args.quiet and sys.stderr.isatty(), **capture)
     if not args.quiet:
         print(report)
     if args.report_json:
@@ -185,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--input-shape", action="append",
                    help="shape of an input, e.g. 1,3,224,224 (repeat for several inputs); for ONNX also "
                         "NAME:1,3,224,224 by input name (default: the declared shapes, symbolic dims drawn)")
+    a.add_argument("--capture", choices=["auto", "fx", "export"],
+                   help="how a torch model is captured: auto (default) traces with torch.fx and falls back to "
+                        "torch.export when tracing fails; fx never falls back; export always uses torch.export")
     a.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="torch model dtype")
     a.add_argument("--seed", type=int, default=0, help="seed of the random example inputs")
     a.add_argument("--train", action="store_true", help="keep a built model in training mode (default: eval)")

@@ -119,3 +119,20 @@ def test_unwritable_output_exits_2_naming_the_file(tmp_path, capsys):
     assert main(["apply", "rewrite.demo:default_model", "-o", str(target)]) == 2
     assert "taken" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["taken"] and not any(target.iterdir())
+
+
+def test_capture_flag_chooses_how_a_torch_model_is_captured(tmp_path, capsys):
+    # written_blocks is on sys.path (pytest's rootdir conftest); ShapeChecked branches on a size, so fx refuses it
+    common = ["apply", "written_blocks:ShapeChecked", "--passes", "fold_bn", "--input-shape", "1,3,16,16"]
+    assert main(common + ["--dry-run", "--capture", "fx"]) == 2
+    assert "cannot trace" in capsys.readouterr().err
+    out = tmp_path / "m.pt"
+    assert main(common + ["-o", str(out), "--verify"]) == 0  # auto: falls back to torch.export, and says so
+    printed = capsys.readouterr().out
+    assert "capture:" in printed and "export" in printed and "verified: ok" in printed
+    import onnx
+    from onnx_builders import conv_bn_model
+
+    onnx.save(conv_bn_model(), tmp_path / "m.onnx")
+    assert main(["apply", str(tmp_path / "m.onnx"), "--capture", "export", "--dry-run"]) == 2
+    assert "--capture is for torch models" in capsys.readouterr().err
