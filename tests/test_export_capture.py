@@ -16,7 +16,7 @@ import rewrite
 from rewrite.testing import assert_same_state, check_pass, randomize_bn, state_snapshot
 from rewrite.verify import verify_torch
 from written_blocks import (BNAndPad, ChannelAdd, DiverseBranchBlock, MaskedWeight, PoolBuiltInForward, SameConv,
-                            ShapeChecked, ValueDependent)
+                            ShapeChecked, StandardizedConvBN, ValueDependent)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FEW = settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -155,6 +155,18 @@ def test_weight_times_mask_and_sigmoid_scales_fold_into_one_conv(cin, cout, seed
     result = check_pass("fuse_branches", model, x)
     assert result.report.nodes_after == {"conv": 1}
     check_pass("fuse_branches", model, x.double(), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("cin,cout,k", [(3, 6, 3), (4, 2, 1)])
+def test_weight_standardized_in_forward_is_a_constant_the_bn_folds_into(cin, cout, k):
+    # F.batch_norm of the weight without running statistics (NFNet's ScaledStdConv) writes nothing
+    model = randomize_bn(StandardizedConvBN(cin, cout, k), seed=k).eval()
+    x = torch.randn(2, cin, 7, 7)
+    assert check_pass("fold_bn", model, x).report.nodes_after == {"conv": 1}  # traced by fx
+    check_pass("fold_bn", model, x.double(), dtype=torch.float64)
+    out, report = rewrite.apply(model, ["fold_bn"], example_inputs=x, capture="export", return_report=True)
+    assert report.nodes_after == {"conv": 1}
+    assert rel_error(out(x), model(x)) <= 1e-5
 
 
 def test_module_built_inside_forward_is_captured_and_named_when_fx_alone_is_asked():

@@ -168,3 +168,26 @@ class ValueDependent(nn.Module):
         if y.sum() > 0:
             return y
         return -y
+
+
+class StandardizedConv(nn.Conv2d):
+    """NFNet's ScaledStdConv way: the weight standardized in forward with F.batch_norm, no running statistics."""
+
+    def __init__(self, cin, cout, k, eps=1e-6):
+        super().__init__(cin, cout, k, padding=k // 2)
+        self.gain = nn.Parameter(torch.rand(cout, 1, 1, 1) + 0.5)
+        self.scale, self.eps = (cin * k * k) ** -0.5, eps
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                         weight=(self.gain * self.scale).view(-1), training=True, momentum=0.0, eps=self.eps)
+        return F.conv2d(x, w.reshape_as(self.weight), self.bias, self.stride, self.padding)
+
+
+class StandardizedConvBN(nn.Module):
+    def __init__(self, cin=3, cout=6, k=3):
+        super().__init__()
+        self.conv, self.bn = StandardizedConv(cin, cout, k), nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))

@@ -27,11 +27,19 @@ _PURE_FUNCTIONS = {
     F.normalize, F.softmax, torch.sign, torch.reciprocal, torch.where,
 }
 _PURE_METHODS = {
-    "view", "reshape", "sigmoid", "sqrt", "rsqrt", "exp", "log", "tanh", "abs", "detach", "expand", "expand_as",
+    "view", "view_as", "reshape", "reshape_as", "sigmoid", "sqrt", "rsqrt", "exp", "log", "tanh", "abs", "detach", "expand", "expand_as",
     "unsqueeze", "squeeze", "permute", "transpose", "t", "flatten", "contiguous", "add", "mul", "sub", "div",
     "clone", "pow", "mean", "sum", "neg", "float", "double", "half", "to", "type_as", "repeat", "__getitem__",
     "softmax", "square", "clamp", "reciprocal", "sign",
 }
+
+
+def _stateless_batch_norm(node: fx.Node) -> bool:
+    """F.batch_norm without running statistics writes nothing: a normalization of its input (weight
+    standardization in NFNet's ScaledStdConv, a batch_norm of the weight in forward)."""
+    mean = node.args[1] if len(node.args) > 1 else node.kwargs.get("running_mean")
+    var = node.args[2] if len(node.args) > 2 else node.kwargs.get("running_var")
+    return mean is None and var is None
 
 
 def pure_call(node: fx.Node) -> bool:
@@ -40,6 +48,8 @@ def pure_call(node: fx.Node) -> bool:
     if node.op != "call_function":
         return False
     target = node.target
+    if target is F.batch_norm:
+        return _stateless_batch_norm(node)
     if isinstance(target, torch._ops.OpOverload):
         return not target._schema.is_mutable and torch.Tag.nondeterministic_seeded not in target.tags
     try:
