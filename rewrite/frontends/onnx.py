@@ -139,9 +139,23 @@ def import_notes(graph: Graph) -> list[str]:
     if not folded:
         return []
     left = graph.meta.get("onnx_folded_written", 0)  # counted by the last export
-    how = "as initializers" if graph.meta.get("onnx_fold_constants") else "as they were (Shape / CastLike as values)"
-    return [f"constant folding at import: {folded} nodes folded; {left} written back {how}, "
-            f"{folded - left} no longer needed after the rewrites"]
+    kept = graph.meta.get("onnx_folded_kept", {"ops": {}, "readers": []})
+    as_nodes = sum(kept["ops"].values())
+    parts = []
+    if as_nodes:  # the passes never saw these: say what they are, or an Add left in the file has no reason
+        ops = ", ".join(f"{n} {op}" for op, n in sorted(kept["ops"].items(), key=lambda item: (-item[1], item[0])))
+        parts.append(f"{as_nodes} written back as they were ({ops}: computing constant inputs of "
+                     f"{_some(kept['readers'])}, not sites of any pass; fold_constants=True writes them as initializers)")
+    if left - as_nodes:
+        why = "" if graph.meta.get("onnx_fold_constants") else " (a Shape / CastLike that reads a non-constant)"
+        parts.append(f"{left - as_nodes} written back as initializers{why}")
+    parts.append(f"{folded - left} no longer needed after the rewrites")
+    return [f"constant folding at import: {folded} nodes folded; " + ", ".join(parts)]
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "") if names else "the graph outputs"
 
 
 class OnnxFrontend(Frontend):

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import RewriteError
 from ..ir import Graph, Node, Value, fresh_name
-from . import chain, onnx_forms
+from . import chain, onnx_fold, onnx_forms
 from .onnx_import import EMPTY, In, OnnxOrigin, Orig, untouched
 
 
@@ -40,6 +40,7 @@ class OnnxEmitter:
         self.fixed_names: dict[int, str] = {}
         self.identity_outputs: list[tuple[Value, str]] = []
         self.folded_written = 0  # nodes folded at import and written back (see onnx_fold)
+        self.folded_nodes: list[gs.Node] = []  # those written back as the nodes they were
 
     # -- naming -------------------------------------------------------------------------
     def fresh_tensor_name(self, base: str) -> str:
@@ -90,6 +91,7 @@ class OnnxEmitter:
                             doc_string=self.model.graph.doc_string, opset=self.opset)
         exported = gs.export_onnx(gs_graph, do_type_check=False)
         self.graph.meta["onnx_folded_written"] = self.folded_written
+        self.graph.meta["onnx_folded_kept"] = onnx_fold.kept_folds(self.folded_nodes)
         return self._finish(exported)
 
     def emit(self, node: Node) -> None:
@@ -144,6 +146,8 @@ class OnnxEmitter:
         gs_node = gs.Node(proto.op_type, self.node_name(proto.name, original=True) if proto.name else "", inputs=inputs,
                           outputs=outs, domain=proto.domain or None)
         self.add_node(gs_node, proto)
+        if origin.folded:
+            self.folded_nodes.append(gs_node)
         self.emitted[id(origin)] = outs
         return outs
 

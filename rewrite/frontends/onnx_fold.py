@@ -12,6 +12,8 @@ exactly as it was; with `fold_constants=True` it is written as an initializer in
 """
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import onnx
 import onnx.reference
@@ -76,3 +78,18 @@ def static_shape_value(proto: onnx.NodeProto, shape) -> np.ndarray | None:
 
 def as_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(array))  # a private, writable copy
+
+
+def kept_folds(written: list) -> dict:
+    """The folded nodes written back as they were (gs nodes of the exported graph): how many of each op,
+    and the nodes outside those chains that read them. The passes never see these nodes (they were
+    constants), so this is the report's only word on why an Add or Mul is still in the file."""
+    chains = {id(node) for node in written}
+    readers: list[str] = []
+    for node in written:
+        for tensor in node.outputs:
+            for reader in tensor.outputs:
+                name = reader.name or reader.op
+                if id(reader) not in chains and name not in readers:
+                    readers.append(name)
+    return {"ops": dict(collections.Counter(node.op for node in written)), "readers": readers}
