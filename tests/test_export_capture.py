@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import rewrite
 from rewrite.testing import assert_same_state, check_pass, randomize_bn, state_snapshot
 from rewrite.verify import verify_torch
-from written_blocks import (BNAndPad, ChannelAdd, DiverseBranchBlock, MaskedWeight, PoolBuiltInForward, SameConv,
+from written_blocks import (BNAndPad, ChannelAdd, DiverseBranchBlock, FakeQuantizedWeight, MaskedWeight, PoolBuiltInForward, SameConv,
                             ShapeChecked, StandardizedConvBN, ValueDependent)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -167,6 +167,17 @@ def test_weight_standardized_in_forward_is_a_constant_the_bn_folds_into(cin, cou
     out, report = rewrite.apply(model, ["fold_bn"], example_inputs=x, capture="export", return_report=True)
     assert report.nodes_after == {"conv": 1}
     assert rel_error(out(x), model(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_step_functions_of_parameters_fold_as_the_model_computes_them(capture, seed):
+    # round / comparisons evaluated in float64 would flip weights sitting on a tie or at the threshold
+    model = randomize_bn(FakeQuantizedWeight(seed=seed), seed=seed).eval()
+    x = torch.randn(2, 4, 8, 8)
+    out = rewrite.apply(model, ["fold_bn"], example_inputs=x, capture=capture)
+    with torch.no_grad():
+        assert rel_error(out(x), model(x)) <= 1e-5
 
 
 def test_module_built_inside_forward_is_captured_and_named_when_fx_alone_is_asked():

@@ -191,3 +191,23 @@ class StandardizedConvBN(nn.Module):
 
     def forward(self, x):
         return self.bn(self.conv(x))
+
+
+class FakeQuantizedWeight(nn.Module):
+    """A weight fake-quantized in forward (round to a grid, clamp), with weights on the rounding ties
+    of the grid, and a magnitude mask `w * (|w| > t)` with weights at the threshold: step functions,
+    which float64 arithmetic would put on the other side of the step from the float32 model."""
+
+    def __init__(self, cin=4, cout=6, step=0.1, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.step = step
+        self.weight = nn.Parameter((torch.randint(-80, 70, (cout, cin, 3, 3), generator=g).float() + 0.5) * step)
+        ratios = torch.tensor([0.5, 1.0, 2.0])[torch.randint(0, 3, (cout, cout, 1, 1), generator=g)]
+        self.pruned = nn.Parameter(torch.full((cout, cout, 1, 1), step) * ratios)  # some exactly at the threshold
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        w = torch.round(self.weight / self.step).clamp(-8, 7) * self.step
+        y = self.bn(F.conv2d(x, w, None, 1, 1))
+        return F.conv2d(y, self.pruned * (self.pruned.abs() > self.step))

@@ -105,6 +105,30 @@ def _as_float64(value):
     return value
 
 
+# Calls whose result moves continuously with their inputs, so computing them from float64 leaves only
+# removes rounding. Anything else (round, floor, sign, comparisons, casts: fake quantization, pruning masks)
+# is evaluated as the model evaluates it: float64 could land on the other side of a step.
+_CONTINUOUS = frozenset({
+    "add", "sub", "rsub", "mul", "div", "truediv", "neg", "pow", "sqrt", "rsqrt", "exp", "log", "tanh", "sigmoid",
+    "abs", "square", "reciprocal", "clamp", "softmax", "_softmax", "batch_norm", "_native_batch_norm_legit",
+    "native_batch_norm", "normalize", "sum", "mean", "matmul", "mm", "bmm", "diag", "cat", "stack", "view", "reshape",
+    "_unsafe_view", "view_as", "reshape_as", "expand", "expand_as", "permute", "transpose", "t", "squeeze",
+    "unsqueeze", "flatten", "contiguous", "clone", "detach", "alias", "select", "slice", "index", "getitem",
+    "__getitem__", "repeat", "pad", "constant_pad_nd", "zeros_like", "ones_like",
+})
+
+
+def _continuous(node: fx.Node) -> bool:
+    target = node.target
+    if isinstance(target, str):
+        name = target
+    elif isinstance(target, torch._ops.OpOverload):
+        name = target._schema.name.split("::")[-1]
+    else:
+        name = getattr(target, "__name__", "")
+    return name in _CONTINUOUS
+
+
 def fold_parameter_expressions(root: torch.nn.Module, graph: fx.Graph) -> dict[fx.Node, torch.Tensor]:
     """The computed tensors of `graph` that depend on no input, each as its value (the leaves read
     directly, get_attr nodes, are left out: they are parameters already). Only values some node not
@@ -137,12 +161,14 @@ def fold_parameter_expressions(root: torch.nn.Module, graph: fx.Graph) -> dict[f
         cap = sum(budget[n] for n in inputs)
         if isinstance(value, torch.Tensor) and value.numel() > max(cap, 1):
             continue  # a broadcast to activation size: cheaper computed where it is
-        try:
-            with torch.no_grad():
-                precise = _call(node, fx.node.map_arg(node.args, lambda n: wide[n]),
-                                fx.node.map_arg(node.kwargs, lambda n: wide[n]))
-        except Exception:
-            precise = value
+        precise = value
+        if _continuous(node):
+            try:
+                with torch.no_grad():
+                    precise = _call(node, fx.node.map_arg(node.args, lambda n: wide[n]),
+                                    fx.node.map_arg(node.kwargs, lambda n: wide[n]))
+            except Exception:
+                pass
         native[node], wide[node], budget[node] = value, precise, cap
     folded = {}
     for node, value in native.items():
