@@ -274,6 +274,25 @@ def test_a_crop_between_the_taps_of_a_dilated_kernel_is_refused_with_its_reason(
     _exact_both(CropBetweenTaps((2, 2)).eval(), x)  # an even crop sits on the centre tap
 
 
+class PaddedCrop(nn.Module):
+    """A Kx1 conv that pads the sides its crop cut: its zeros stand where the whole input has pixels."""
+
+    def __init__(self):
+        super().__init__()
+        self.square, self.side = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, (3, 1), padding=(1, 1))
+
+    def forward(self, x):
+        return self.square(x) + self.side(x[:, :, :, 1:-1])
+
+
+def test_a_crop_whose_conv_pads_the_cut_side_is_not_read_as_a_smaller_padding():
+    model = PaddedCrop().eval()
+    x = torch.randn(1, 3, 6, 6)
+    check_pass("fuse_branches", model, x, expect_rewrite=False)
+    check_pass("fuse_branches", model, x.double(), dtype=torch.float64, expect_rewrite=False)
+    assert _ops(model, x)[0] == {"conv": 2, "slice": 1, "add": 1}
+
+
 class SameCrop(nn.Module):
     """Branches that all read the same crop merge as branches of that crop (the crop stays, the sum goes)."""
 

@@ -174,7 +174,15 @@ def anchor_crops(branches: list[Branch]) -> list[Branch]:
     as they are: branches of one crop merge as before."""
     whole = {id(b.input) for b in branches if b.cropped is None}
     return [replace(b, input=b.cropped[0], crop=b.cropped[1]) if b.cropped is not None and id(b.cropped[0]) in whole
-            else b for b in branches]
+            and not _pads_a_cropped_side(b) else b for b in branches]
+
+
+def _pads_a_cropped_side(branch: Branch) -> bool:
+    """Whether the conv pads a side its crop cut: its zeros there stand where the whole value has pixels,
+    so reading the whole value with less padding would not be the same (only padding 0 there is)."""
+    pads = branch.node.attrs["padding"]
+    return any((cut_before and pad_before) or (cut_after and pad_after)
+               for (cut_before, cut_after), (pad_before, pad_after) in zip(branch.cropped[1], pads))
 
 
 def _cropped(value: Value, spatial: int) -> tuple[Value, tuple[tuple[int, int], ...]] | None:
