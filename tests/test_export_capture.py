@@ -360,3 +360,41 @@ def test_in_place_layers_and_adds_through_export():
     out, report = rewrite.apply(model, ["fold_bn"], example_inputs=x, capture="export", return_report=True)
     assert report.nodes_after == {"conv": 1, "relu": 2, "add": 1}
     assert verify_torch(model, out, x).ok
+
+
+class _UpdatesABuffer(nn.Module):
+    """A running average updated in forward through a view (or `.data`), read after: a stateful forward."""
+
+    def __init__(self, through_data: bool):
+        super().__init__()
+        self.conv, self.through_data = nn.Conv2d(3, 4, 3), through_data
+        self.register_buffer("ema", torch.ones(4))
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.through_data:
+            self.ema.data.mul_(0.5).add_(y.mean((0, 2, 3)).detach() * 0.5)
+        else:
+            self.ema.view(-1).mul_(0.5)
+        return y * self.ema.reshape(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("through_data", [False, True])
+def test_a_forward_that_writes_its_buffers_is_not_frozen_by_fx_nor_changed_by_capture(through_data):
+    x = torch.randn(2, 3, 8, 8)
+    model = _UpdatesABuffer(through_data).eval()
+    with pytest.raises(rewrite.TraceError, match="writes buffer"):
+        rewrite.apply(model, ["cleanup"], example_inputs=x, capture="fx")
+    assert torch.equal(model.ema, torch.ones(4))  # the capture left the user's buffer as it was
+    try:
+        out = rewrite.apply(model, ["cleanup"], example_inputs=x)  # auto: torch.export keeps the update
+    except rewrite.TraceError as err:  # or both paths refuse, each with its reason
+        assert "writes buffer" in str(err) and "torch.export" in str(err)
+        return
+    finally:
+        assert torch.equal(model.ema, torch.ones(4))
+    reference = _UpdatesABuffer(through_data).eval()
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for _ in range(3):  # the state moves the same way call after call
+            assert rel_error(out(x), reference(x)) <= 1e-6

@@ -101,12 +101,31 @@ def trace(module: torch.nn.Module, concrete_args: dict[str, Any] | None = None,
     """Trace `module` to an fx.Graph, or raise TraceError naming the module and source line."""
     tracer = _Tracer(leaf_modules)
     saved = _container_state(module)
+    buffers = [(name, b, b._version, b.clone()) for name, b in module.named_buffers()]
     try:
-        return tracer.trace(module, concrete_args=concrete_args)
+        graph = tracer.trace(module, concrete_args=concrete_args)
     except Exception as exc:
         raise _trace_error(module, exc) from None
     finally:
         _restore(saved)
+        # `.data` and views written in place do not all bump the buffer's version: compare the values too
+        written = [name for name, b, version, value in buffers if b._version != version or not _same(b, value)]
+        with torch.no_grad():
+            for name, b, version, value in buffers:
+                if name in written:
+                    b.copy_(value)
+    if written:
+        # fx runs code on buffers eagerly (they are not proxied): the update would happen once, here, on
+        # the user's model, and the graph would read a stale copy ever after
+        raise TraceError(f"cannot trace module '<root>' ({type(module).__name__}): its forward writes buffer(s) "
+                         f"{', '.join(written[:3])} in place, which fx would freeze as constants\n"
+                         "  try: capture='export' (with example_inputs), which keeps buffer updates",
+                         where=f"buffer '{written[0]}'")
+    return graph
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.nan_to_num(), b.nan_to_num()))
 
 
 # Attributes every nn.Module has (its parameters, buffers, submodules and hooks): fx restores those.
