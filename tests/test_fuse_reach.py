@@ -310,3 +310,13 @@ def test_branches_of_one_crop_merge_without_uncropping():
     x = torch.randn(1, 3, 7, 7)
     _exact_both(model, x)
     assert _ops(model, x)[0] == {"slice": 1, "conv": 1}
+
+
+def test_an_average_pool_after_a_conv_outside_any_sum_stays_a_pool():
+    # read as a depthwise conv only where a sum can absorb the cascade (DBB's 1x1 -> average branch)
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                                       nn.AvgPool2d(3, 1, 1), nn.ReLU())).eval()
+    x = torch.randn(1, 3, 8, 8)
+    out, report = rewrite.apply(model, ["fuse_branches"], example_inputs=x, return_report=True)
+    assert report.nodes_after.get("avg_pool") == 1 and report.nodes_after.get("conv") == 2
+    assert (out(x) - model(x)).abs().max().item() <= 1e-5 * model(x).abs().max().item()

@@ -85,12 +85,22 @@ def _conv_fed(node: Node | None) -> bool:
     return node is not None and node.kind == "conv"
 
 
+def _branch_of_a_sum(graph, value) -> bool:
+    """Whether `value` (through a BN) is read only by a sum of branches, where the composed cascade can be
+    absorbed by a conv of the same input (DBB's 1x1 -> average branch); elsewhere it would stay a conv."""
+    users = value.users
+    if len(users) == 1 and graph.external_uses(value) == 1 and users[0].kind == "batch_norm":
+        value = users[0].output
+        users = value.users
+    return len(users) == 1 and graph.external_uses(value) == 1 and users[0].kind in ("add", "sub")
+
+
 @rule(P.op("avg_pool", P.any("x"), name="pool"))
 def average_after_conv_as_conv(ctx, x, pool):
     """avg_pool(conv(x)) with a plain average (zero padding counted, no ceil): a depthwise conv."""
     source = x.producer
-    if not _conv_fed(source):
-        return None  # an ordinary pooling layer: a conv would only cost more
+    if not _conv_fed(source) or not _branch_of_a_sum(ctx.graph, pool.output):
+        return None  # an ordinary pooling layer: a conv would only cost more, with no sum to absorb it
     a = pool.attrs
     if a["ceil_mode"] or a["divisor_override"] is not None or \
             (not a["count_include_pad"] and any(p != (0, 0) for p in a["padding"])):
