@@ -101,7 +101,7 @@ def trace(module: torch.nn.Module, concrete_args: dict[str, Any] | None = None,
     """Trace `module` to an fx.Graph, or raise TraceError naming the module and source line."""
     tracer = _Tracer(leaf_modules)
     saved = _container_state(module)
-    buffers = [(name, b, b._version, b.clone()) for name, b in module.named_buffers()]
+    buffers = [(name, b, b._version, b.clone()) for name, b in module.named_buffers() if not b.is_meta]
     try:
         graph = tracer.trace(module, concrete_args=concrete_args)
     except Exception as exc:
@@ -109,11 +109,12 @@ def trace(module: torch.nn.Module, concrete_args: dict[str, Any] | None = None,
     finally:
         _restore(saved)
         # `.data` and views written in place do not all bump the buffer's version: compare the values too
-        written = [name for name, b, version, value in buffers if b._version != version or not _same(b, value)]
+        changed = [(name, b, value) for name, b, version, value in buffers
+                   if b._version != version or not _same(b, value)]
         with torch.no_grad():
-            for name, b, version, value in buffers:
-                if name in written:
-                    b.copy_(value)
+            for _, b, value in changed:
+                b.copy_(value)
+        written = [name for name, _, _ in changed]
     if written:
         # fx runs code on buffers eagerly (they are not proxied): the update would happen once, here, on
         # the user's model, and the graph would read a stale copy ever after
