@@ -240,6 +240,10 @@ def _unfoldable(bn) -> str:
     """Why a batch_norm no fold_bn rule matched stays (a BN after a concat, an add or a pool, say)."""
     source, readers = neighbours(bn)
     why = bn_refusal(bn)
+    producer = bn.inputs[0].producer if bn.inputs else None
+    if producer is not None and producer.attrs.get("unmapped"):  # a conv the frontend could not read as one
+        return (f"{why}; " if why else "") + (f"{bn.label} reads {source}; a batch_norm folds only into a conv "
+                                              "whose padding, weight and bias are known")
     after_concat = bn.inputs[0].producer is not None and bn.inputs[0].producer.kind == "concat"
     return (f"{why}; " if why else "") + (
         f"{bn.label} reads {source} and is read by {readers}: a batch_norm folds only into a conv, conv_transpose "

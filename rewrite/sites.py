@@ -15,6 +15,8 @@ from .pass_manager import PassResult, Refused, site_nodes
 def describe(node: Node | None) -> str:
     if node is None:
         return "a graph input"
+    if node.attrs.get("unmapped"):  # a frontend kept it as it is and said why (an ONNX SAME conv, say)
+        return f"{node.kind} {node.label} (kept as {node.attrs.get('call', 'it is')}: {node.attrs['unmapped']})"
     return f"{node.kind} {node.label}"
 
 

@@ -16,7 +16,8 @@ def conv_bn_model(cin=4, cout=4, groups=1, seed=0, weight=None, bn_scale=None, t
              numpy_helper.from_array(rng.uniform(0.5, 2.0, cout).astype(np.float32), "var")]
     bn_attrs = {"training_mode": 1} if training_mode else {}
     nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"], name=name, group=groups, pads=[1, 1, 1, 1]),
-             helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["b"], name="bn", **bn_attrs),
+             helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"],
+                              ["b", "running_mean", "running_var"] if training_mode else ["b"], name="bn", **bn_attrs),
              helper.make_node("Relu", ["b"], ["y"], name="relu")]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, 6, 6])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cout, 6, 6])], inits)

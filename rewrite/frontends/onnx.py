@@ -13,6 +13,7 @@ from ..files import first_line
 from ..ir import Graph
 from . import Frontend
 from .onnx_export import emit_model
+from .onnx_checks import full_check_error
 from .onnx_import import OnnxImporter
 from .onnx_io import check_onnx, describe, load_onnx, save_onnx, weightless_copy
 from .onnx_verify import OnnxReference, as_feeds, choose_sizes, float64_feeds, float64_model, random_inputs, verify_onnx
@@ -27,19 +28,25 @@ _CONTRADICTION = re.compile(r"Inferred shape and existing shape differ|Incompati
                             r"Inferred elem type differs from existing elem type")
 
 
-def _inferred(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
-    """A shape-inferred copy of `model` (left alone), value_info only: the weights are not copied."""
+def _inferred(model: onnx.ModelProto, where: str) -> tuple[onnx.ModelProto, ModelLoadError | None]:
+    """A shape-inferred copy of `model` (left alone), value_info only: the weights are not copied.
+
+    The strict, type-checked inference is the half of `onnx.checker.check_model(full_check=True)` that
+    `check_onnx`'s checker call leaves out (it runs here on a copy without the weights, so a big model is
+    not copied for it). A failure comes back as the error to raise once the importer has had its say:
+    its own checks name the same fault more precisely (a group that does not divide, pads of the wrong length)."""
     light = weightless_copy(model, keep_dims=True)  # inference needs a weight's shape, never its values
     try:
-        return onnx.shape_inference.infer_shapes(light, data_prop=True, strict_mode=True)
+        return onnx.shape_inference.infer_shapes(light, data_prop=True, strict_mode=True, check_type=True), None
     except Exception as exc:
         if _CONTRADICTION.search(str(exc)):
             raise ModelLoadError(f"the declared shapes contradict what the ops compute: {first_line(exc)}",
                                  where=where) from None
-    try:  # strict inference also fails on ops it cannot infer; the lenient one still helps with the rest
-        return onnx.shape_inference.infer_shapes(light, data_prop=True)
+        failure = full_check_error(exc, where)
+    try:  # the lenient inference still gives the importer the shapes it can
+        return onnx.shape_inference.infer_shapes(light, data_prop=True), failure
     except Exception:  # inference helps with shapes; it is not a requirement
-        return model
+        return model, failure
 
 
 def _symbol_sizes(model: onnx.ModelProto, example_inputs) -> dict[str, int]:
@@ -122,8 +129,10 @@ def import_onnx(model_or_path: Any, example_inputs=None, fold_constants: bool = 
         check_onnx(model)
     else:
         raise ModelLoadError(f"expected an onnx.ModelProto or a .onnx path, got {type(model_or_path).__name__}")
-    graph = OnnxImporter(model, _inferred(model, describe(model_or_path)), describe(model_or_path),
-                         fold_constants=fold_constants).run()
+    inferred, check_failure = _inferred(model, describe(model_or_path))
+    graph = OnnxImporter(model, inferred, describe(model_or_path), fold_constants=fold_constants).run()
+    if check_failure is not None:
+        raise check_failure
     _concretize_shapes(graph, model, example_inputs)
     return graph
 

@@ -4,8 +4,12 @@
   bytes, and writing the model back fails deep inside onnx.helper.
 - A Conv / ConvTranspose whose group count does not divide its channels, or whose weight does not
   match its input's channels: onnxruntime rejects such a node when it runs, after we rewrote it.
+
+`full_check_error` words the failures of onnx.checker's full check (strict, type-checked shape inference).
 """
 from __future__ import annotations
+
+import re
 
 from google.protobuf.descriptor import FieldDescriptor
 
@@ -74,3 +78,20 @@ def check_batch_norm_params(params: dict, in_channels, where: str) -> None:
         channels = f" for {in_channels} channels" if isinstance(in_channels, int) else ""
         raise ModelLoadError(f"BatchNormalization parameters must be 1-D, one value per channel{channels}: "
                              f"{described}", where=where)
+
+
+_INFERENCE_NODE = re.compile(r"(?:\[(\w+)\]\s*)?\(op_type:(\w+), node name: ([^)]*)\):\s*(?:\[(\w+)\]\s*)?(.*)")
+
+
+def full_check_error(exc: Exception, where: str) -> ModelLoadError:
+    """The ModelLoadError for a model that fails `onnx.checker.check_model(full_check=True)`'s shape and
+    type inference, naming the first node the inference names (its message lists one line per node)."""
+    text = str(exc)
+    found = _INFERENCE_NODE.search(text)
+    if found is None:
+        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        return ModelLoadError(f"the model fails onnx.checker's full check: {first}", where=where)
+    outer, op_type, node, inner, message = found.groups()
+    kind = inner or outer or "InferenceError"
+    return ModelLoadError(f"the model fails onnx.checker's full check ({kind}): {op_type} {message.strip()}",
+                          where=f"{where}, node {node or op_type}")

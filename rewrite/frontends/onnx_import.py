@@ -42,6 +42,13 @@ class Orig:
 EMPTY = Orig(None)  # an omitted optional input
 
 
+@dataclass(frozen=True)
+class Unmapped:
+    """A handler's answer for a node it keeps as it is, with the reason (reports of the sites next to it
+    quote it: a BN after a conv kept opaque is left for that reason, not for a generic one)."""
+    reason: str
+
+
 @dataclass(eq=False)
 class OnnxOrigin:
     proto: onnx.NodeProto | None  # None for an initializer
@@ -226,10 +233,13 @@ class OnnxImporter:
             if handler is None and gs_node.op in self.forms:
                 handler = onnx_forms.generic_handler(self.forms[gs_node.op])
         node = self._fold(gs_node, proto) if onnx_fold.foldable(proto) else None
+        unmapped = None  # why a handler kept the node as it is, when it says
         if node is None:
             node = handler(self, gs_node, proto) if handler is not None else None
+        if isinstance(node, Unmapped):
+            node, unmapped = None, node.reason
         if node is None:
-            node = self._opaque(gs_node, proto)
+            node = self._opaque(gs_node, proto, unmapped)
         for value, tensor in zip(node.outputs, gs_node.outputs):
             value.name = tensor.name
             if value.shape is None:
@@ -304,7 +314,7 @@ class OnnxImporter:
         record(node, origin)
         return node
 
-    def _opaque(self, gs_node, proto) -> Node:
+    def _opaque(self, gs_node, proto, unmapped: str | None = None) -> Node:
         inputs, slots = [], []
         for tensor in gs_node.inputs:
             if tensor.name:
@@ -326,11 +336,11 @@ class OnnxImporter:
         # Standard ops have no side effects, so an unused one may go; custom-domain ops stay.
         pure = (proto.domain or "") in ("", "ai.onnx") and not captures
         call = f"{proto.domain}.{proto.op_type}" if proto.domain else proto.op_type
-        node = self.make("opaque", gs_node, proto, inputs, slots, {"op_type": proto.op_type,
-                                                                   "domain": proto.domain, "pure": pure,
-                                                                   "call": call,
-                                                                   "nonnegative": call in _NONNEG_OP_TYPES},
-                         num_outputs=len(gs_node.outputs))
+        attrs = {"op_type": proto.op_type, "domain": proto.domain, "pure": pure, "call": call,
+                 "nonnegative": call in _NONNEG_OP_TYPES}
+        if unmapped:
+            attrs["unmapped"] = unmapped  # read by the reports of the sites next to it
+        node = self.make("opaque", gs_node, proto, inputs, slots, attrs, num_outputs=len(gs_node.outputs))
         node.origin.captures = captures
         return node
 
@@ -389,9 +399,10 @@ def _auto_pad(gs_node) -> str:
     return (auto.decode() if isinstance(auto, bytes) else auto) or "NOTSET"
 
 
-def _spatial_pads(imp, gs_node, kernel, stride, dilation) -> tuple | None:
+def _spatial_pads(imp, gs_node, kernel, stride, dilation) -> tuple | Unmapped:
     """(before, after) pads per spatial dim, auto_pad resolved: VALID is none, SAME_* is exact for any
-    size along a stride-1 axis and needs a static size along a strided one (else None: kept as it is)."""
+    size along a stride-1 axis or with a one-tap window, and needs a static size along a strided one
+    (else Unmapped: kept as it is)."""
     dims = len(kernel)
     where = f"{imp.source}, node {gs_node.name or gs_node.op}"
     for name, values in (("strides", stride), ("dilations", dilation)):
@@ -406,7 +417,7 @@ def _spatial_pads(imp, gs_node, kernel, stride, dilation) -> tuple | None:
         raise ModelLoadError(f"auto_pad {auto!r} is not one of NOTSET, VALID, SAME_UPPER, SAME_LOWER", where=where)
     shape = _data(imp, gs_node.inputs[0]).shape
     if shape is not None and len(shape) != dims + 2:
-        return None
+        return Unmapped(f"its input has rank {len(shape)}, not the {dims + 2} of a {dims}-D window")
     pads = []
     for axis, (k, s, d) in enumerate(zip(kernel, stride, dilation)):
         size = shape[2 + axis] if shape is not None else None
@@ -414,8 +425,39 @@ def _spatial_pads(imp, gs_node, kernel, stride, dilation) -> tuple | None:
             total = (k - 1) * d  # the output is as long as the input, whatever its size
         elif isinstance(size, int):
             total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+        elif (k - 1) * d == 0:
+            total = 0  # ceil(size / s) * s - size < s: a one-tap window never pads, whatever the size
         else:
-            return None  # a strided SAME pad depends on a size that is not static
+            named = f"of symbolic size {size!r}" if size is not None else "of unknown size"
+            return Unmapped(f"auto_pad={auto} with stride {s} along spatial axis {axis} {named}: its padding "
+                            f"depends on that size modulo {s}, so it has no one explicit form (pass example_inputs "
+                            "to fix the size)")
+        small, big = total // 2, total - total // 2
+        pads.append((small, big) if auto == "SAME_UPPER" else (big, small))
+    return tuple(pads)
+
+
+def _transpose_pads(gs_node, kernel, stride, dilation, output_padding, where: str) -> tuple | Unmapped:
+    """ConvTranspose's (before, after) crop per spatial dim. SAME makes the output input * stride long, so
+    the crop is output_padding + (k - 1) * d + 1 - s whatever the input size, split as Conv splits it."""
+    dims = len(kernel)
+    auto = _auto_pad(gs_node)
+    if "output_shape" in gs_node.attrs:
+        return Unmapped("output_shape derives its padding from the input's size; only explicit pads and "
+                        "auto_pad are mapped")
+    if auto == "NOTSET":
+        return _pairs(gs_node.attrs.get("pads", [0] * 2 * dims), dims, where)
+    if auto == "VALID":
+        return ((0, 0),) * dims
+    if auto not in ("SAME_UPPER", "SAME_LOWER"):
+        raise ModelLoadError(f"auto_pad {auto!r} is not one of NOTSET, VALID, SAME_UPPER, SAME_LOWER", where=where)
+    pads = []
+    for axis, (k, s, d, extra) in enumerate(zip(kernel, stride, dilation, output_padding)):
+        total = extra + (k - 1) * d + 1 - s
+        if total < 0:  # the output would be longer than the full transposed conv
+            return Unmapped(f"auto_pad={auto} with stride {s} and a {(k - 1) * d + 1}-tap window along spatial "
+                            f"axis {axis} asks for {-total} more output than the transposed conv computes "
+                            "(onnxruntime and the ONNX reference evaluator disagree on that output)")
         small, big = total // 2, total - total // 2
         pads.append((small, big) if auto == "SAME_UPPER" else (big, small))
     return tuple(pads)
@@ -440,16 +482,17 @@ def _conv(imp: OnnxImporter, gs_node, proto) -> Node | None:
     check_conv_channels(tuple(weight.shape), groups, transpose, in_shape[1] if in_shape and len(in_shape) > 1 else None,
                         None if bias is None else bias.numel(), f"{imp.source}, node {proto.name or proto.op_type}")
     if transpose:
-        if "output_shape" in a or _auto_pad(gs_node) not in ("NOTSET", "VALID"):
-            return None  # output_shape / SAME derive the pads from sizes; keep the node as it is
-        pads = [0] * 2 * dims if _auto_pad(gs_node) == "VALID" else a.get("pads", [0] * 2 * dims)
-        attrs = {"stride": stride, "padding": _pairs(pads, dims, f"{imp.source}, node {proto.name or proto.op_type}"),
-                 "output_padding": tuple(a.get("output_padding", [0] * dims)), "dilation": dilation,
+        output_padding = tuple(a.get("output_padding", [0] * dims))
+        pads = _transpose_pads(gs_node, kernel, stride, dilation, output_padding,
+                               f"{imp.source}, node {proto.name or proto.op_type}")
+        if isinstance(pads, Unmapped):
+            return pads
+        attrs = {"stride": stride, "padding": pads, "output_padding": output_padding, "dilation": dilation,
                  "groups": groups}
     else:
         pads = _spatial_pads(imp, gs_node, kernel, stride, dilation)
-        if pads is None:
-            return None
+        if isinstance(pads, Unmapped):
+            return pads
         attrs = {"stride": stride, "padding": pads, "dilation": dilation, "groups": groups, "padding_mode": "zeros"}
     slots = [In(0), imp.orig(gs_node.inputs[1])] + ([imp.orig(b)] if len(gs_node.inputs) > 2 else [])
     return imp.make("conv_transpose" if transpose else "conv", gs_node, proto, [_data(imp, gs_node.inputs[0])], slots,
@@ -662,7 +705,9 @@ def _pool(kind: str):
         stride = tuple(a.get("strides", [1] * dims))
         dilation = tuple(a.get("dilations", [1] * dims))
         pads = _spatial_pads(imp, gs_node, kernel, stride, dilation)
-        if pads is None or a.get("storage_order", 0):
+        if isinstance(pads, Unmapped):
+            return pads
+        if a.get("storage_order", 0):
             return None
         attrs = {"kernel_size": kernel, "stride": stride, "padding": pads, "ceil_mode": bool(a.get("ceil_mode", 0))}
         if kind == "avg_pool":
