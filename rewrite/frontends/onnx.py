@@ -89,7 +89,9 @@ def _concrete_shapes(model: onnx.ModelProto, sizes: dict[str, int]) -> dict[str,
     """Every tensor's shape when the graph inputs' symbols take `sizes`: onnx's shape inference (with
     data propagation, so shape subgraphs count) on a weightless copy whose inputs are static."""
     light = weightless_copy(model, keep_dims=True)
-    for value in light.graph.input:
+    # The declared value_info too: the dynamo exporter writes intermediate shapes in the inputs' symbols
+    # (s77 x 16 x 1 x 1), and inference keeps a declared symbol where it would have found the size.
+    for value in list(light.graph.input) + list(light.graph.value_info) + list(light.graph.output):
         for dim in value.type.tensor_type.shape.dim:
             if not dim.HasField("dim_value") and dim.dim_param in sizes:
                 dim.dim_value = sizes[dim.dim_param]
