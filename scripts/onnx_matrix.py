@@ -5,7 +5,9 @@
 For each ONNX file, runs fold_bn, fuse_branches and remove_residual (then cleanup) and prints the Conv /
 BatchNormalization / Add counts next to the torch path's on the same model, whether onnxruntime agrees
 (max relative error), and the first refusal reason when the counts differ. Not a test: the full matrix
-takes minutes; tests/test_onnx_fold.py and tests/test_onnx_shapes.py hold a fast subset.
+takes minutes; tests/test_onnx_matrix.py (an SE / HardSwish block in the same configurations),
+tests/test_onnx_fold.py and tests/test_onnx_shapes.py hold a fast subset. Counts are of the data path: a
+constant chain written back as it was (onnxoptimizer's fused weights) is no layer, and the note counts it.
 """
 from __future__ import annotations
 
@@ -130,6 +132,8 @@ def main() -> None:
                 kept = [n.split("; ", 1)[1] for n in report.notes if "written back as they were" in n]
                 note = "" if counts == reference else (refused[0][:90] if refused else
                                                        kept[0][:160] if kept else "(no refusal)")
+                if example is not None and any("example_inputs" in r for r in refused):  # a reason untrue here
+                    note = f"ASKS FOR EXAMPLE INPUTS IT HAS: {next(r for r in refused if 'example_inputs' in r)[:80]} {note}"
                 chains = sum(n.op_type == "Add" for n in out.graph.node) - counts[2]
                 if chains:
                     note = f"(+{chains} Add of constant chains written back as they were) {note}"
