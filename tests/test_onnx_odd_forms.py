@@ -161,3 +161,14 @@ def test_onnxruntime_failure_on_dynamic_hw_efficientnet_names_the_node():
     with pytest.raises(ModelLoadError, match=r"ModelProto 'main_graph', node /features/features.0/features.0.0/Conv: "
                                              r"onnxruntime cannot run the model"):
         rewrite.verify(model, out, {"x": np.zeros((1, 3, 0, 32), np.float32)})
+
+
+def test_conv_transpose_output_padding_of_the_wrong_length_names_the_node():
+    case = dict(auto_pad="SAME_UPPER", kernel=3, stride=2, dilation=1, output_padding=1, size=5, symbolic=False,
+                groups=1, seed=5)
+    model = build_transpose_same(case)
+    conv = model.graph.node[0]
+    del conv.attribute[[a.name for a in conv.attribute].index("output_padding")]
+    conv.attribute.append(helper.make_attribute("output_padding", [1]))
+    with pytest.raises(ModelLoadError, match=rf"node {conv.name}.*output_padding has 1 values for a 2-D window"):
+        rewrite.apply(model, ["fold_bn"])

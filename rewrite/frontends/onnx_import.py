@@ -399,12 +399,9 @@ def _auto_pad(gs_node) -> str:
     return (auto.decode() if isinstance(auto, bytes) else auto) or "NOTSET"
 
 
-def _spatial_pads(imp, gs_node, kernel, stride, dilation) -> tuple | Unmapped:
-    """(before, after) pads per spatial dim, auto_pad resolved: VALID is none, SAME_* is exact for any
-    size along a stride-1 axis or with a one-tap window, and needs a static size along a strided one
-    (else Unmapped: kept as it is)."""
-    dims = len(kernel)
-    where = f"{imp.source}, node {gs_node.name or gs_node.op}"
+def _fixed_pads(gs_node, stride, dilation, dims: int, where: str) -> tuple | None:
+    """(before, after) pads per spatial dim for auto_pad NOTSET / VALID; None for SAME_UPPER / SAME_LOWER,
+    whose pads the caller derives. Attributes of the wrong length or an unknown auto_pad are bad input."""
     for name, values in (("strides", stride), ("dilations", dilation)):
         if len(values) != dims:
             raise ModelLoadError(f"{name} has {len(values)} values for a {dims}-D window", where=where)
@@ -415,6 +412,24 @@ def _spatial_pads(imp, gs_node, kernel, stride, dilation) -> tuple | Unmapped:
         return ((0, 0),) * dims
     if auto not in ("SAME_UPPER", "SAME_LOWER"):
         raise ModelLoadError(f"auto_pad {auto!r} is not one of NOTSET, VALID, SAME_UPPER, SAME_LOWER", where=where)
+    return None
+
+
+def _same_split(total: int, auto: str) -> tuple[int, int]:
+    """SAME_UPPER puts the odd pad at the end, SAME_LOWER at the start."""
+    small, big = total // 2, total - total // 2
+    return (small, big) if auto == "SAME_UPPER" else (big, small)
+
+
+def _spatial_pads(imp, gs_node, kernel, stride, dilation) -> tuple | Unmapped:
+    """(before, after) pads per spatial dim, auto_pad resolved: VALID is none, SAME_* is exact for any
+    size along a stride-1 axis or with a one-tap window, and needs a static size along a strided one
+    (else Unmapped: kept as it is)."""
+    dims = len(kernel)
+    fixed = _fixed_pads(gs_node, stride, dilation, dims, f"{imp.source}, node {gs_node.name or gs_node.op}")
+    if fixed is not None:
+        return fixed
+    auto = _auto_pad(gs_node)
     shape = _data(imp, gs_node.inputs[0]).shape
     if shape is not None and len(shape) != dims + 2:
         return Unmapped(f"its input has rank {len(shape)}, not the {dims + 2} of a {dims}-D window")
@@ -432,25 +447,23 @@ def _spatial_pads(imp, gs_node, kernel, stride, dilation) -> tuple | Unmapped:
             return Unmapped(f"auto_pad={auto} with stride {s} along spatial axis {axis} {named}: its padding "
                             f"depends on that size modulo {s}, so it has no one explicit form (pass example_inputs "
                             "to fix the size)")
-        small, big = total // 2, total - total // 2
-        pads.append((small, big) if auto == "SAME_UPPER" else (big, small))
+        pads.append(_same_split(total, auto))
     return tuple(pads)
 
 
 def _transpose_pads(gs_node, kernel, stride, dilation, output_padding, where: str) -> tuple | Unmapped:
     """ConvTranspose's (before, after) crop per spatial dim. SAME makes the output input * stride long, so
     the crop is output_padding + (k - 1) * d + 1 - s whatever the input size, split as Conv splits it."""
-    dims = len(kernel)
-    auto = _auto_pad(gs_node)
     if "output_shape" in gs_node.attrs:
         return Unmapped("output_shape derives its padding from the input's size; only explicit pads and "
                         "auto_pad are mapped")
-    if auto == "NOTSET":
-        return _pairs(gs_node.attrs.get("pads", [0] * 2 * dims), dims, where)
-    if auto == "VALID":
-        return ((0, 0),) * dims
-    if auto not in ("SAME_UPPER", "SAME_LOWER"):
-        raise ModelLoadError(f"auto_pad {auto!r} is not one of NOTSET, VALID, SAME_UPPER, SAME_LOWER", where=where)
+    if len(output_padding) != len(kernel):
+        raise ModelLoadError(f"output_padding has {len(output_padding)} values for a {len(kernel)}-D window",
+                             where=where)
+    fixed = _fixed_pads(gs_node, stride, dilation, len(kernel), where)
+    if fixed is not None:
+        return fixed
+    auto = _auto_pad(gs_node)
     pads = []
     for axis, (k, s, d, extra) in enumerate(zip(kernel, stride, dilation, output_padding)):
         total = extra + (k - 1) * d + 1 - s
@@ -458,8 +471,7 @@ def _transpose_pads(gs_node, kernel, stride, dilation, output_padding, where: st
             return Unmapped(f"auto_pad={auto} with stride {s} and a {(k - 1) * d + 1}-tap window along spatial "
                             f"axis {axis} asks for {-total} more output than the transposed conv computes "
                             "(onnxruntime and the ONNX reference evaluator disagree on that output)")
-        small, big = total // 2, total - total // 2
-        pads.append((small, big) if auto == "SAME_UPPER" else (big, small))
+        pads.append(_same_split(total, auto))
     return tuple(pads)
 
 
