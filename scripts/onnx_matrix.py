@@ -98,6 +98,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet18,mobilenet_v3_small,efficientnet_b0,repvgg_a0,mobileone_s0")
     parser.add_argument("--quick", action="store_true", help="a few configurations per model only")
+    parser.add_argument("--configs", help="comma-separated indices into the configuration list (0-based)")
     args = parser.parse_args()
     configs = [("legacy", 13, "static", "", "fp32"), ("legacy", 13, "hw", "", "fp32"),
                ("legacy", 17, "batch", "", "fp32"), ("legacy", 17, "hw", "", "fp32"),
@@ -112,6 +113,8 @@ def main() -> None:
                ("dynamo_noopt", 18, "batch", "", "fp16"), ("dynamo_opt", 18, "static", "", "fp16")]
     if args.quick:
         configs = [configs[2], configs[7], configs[15], configs[17]]
+    if args.configs:
+        configs = [configs[int(i)] for i in args.configs.split(",")]
     print(f"{'model':<19} {'exporter':<13} {'opset':>5} {'dynamic':<7} {'tool':<13} {'dtype':<5} "
           f"{'torch C/B/A':>11} {'onnx C/B/A':>11} {'max rel':>8}  note")
     for name in args.models.split(","):
