@@ -172,3 +172,17 @@ def test_conv_transpose_output_padding_of_the_wrong_length_names_the_node():
     conv.attribute.append(helper.make_attribute("output_padding", [1]))
     with pytest.raises(ModelLoadError, match=rf"node {conv.name}.*output_padding has 1 values for a 2-D window"):
         rewrite.apply(model, ["fold_bn"])
+
+
+def test_a_rewritten_onnx_model_that_onnxruntime_cannot_load_is_an_equivalence_error_naming_the_node():
+    from onnx_builders import conv_bn_model
+    from rewrite.pattern import P
+    from rewrite.rule import rule
+
+    @rule(P.op("relu", P.any("x"), name="relu"))
+    def bad_reshape(ctx, x, relu):
+        return ctx.op("reshape", x, shape=(7, -1, 5))
+
+    with pytest.raises(rewrite.EquivalenceError, match=r"pass bad_reshape: .*does not run: .*ModelProto 'g', "
+                                                       r"node relu_\d+: onnxruntime cannot load the model"):
+        rewrite.apply(conv_bn_model(), [bad_reshape], verify=True)
