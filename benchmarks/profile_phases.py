@@ -69,7 +69,7 @@ def _patch_everywhere(module_name: str, attribute: str, phase: str) -> None:
 def install() -> None:
     import importlib
 
-    for name in ("rewrite.passes", "rewrite.frontends.fx", "rewrite.frontends.fx_emit", "rewrite.params",
+    for name in ("rewrite.passes", "rewrite.frontends.fx", "rewrite.frontends.capture", "rewrite.frontends.fx_emit", "rewrite.params",
                  "rewrite.numerics.kernels", "rewrite.analysis.channels", "rewrite.api"):
         importlib.import_module(name)
     import rewrite.api as api
@@ -77,7 +77,9 @@ def install() -> None:
     import rewrite.frontends.fx_emit as fx_emit
     import rewrite.frontends.fx_import as fx_import
 
-    fx_frontend.trace = _timed("capture", fx_frontend.trace)
+    import rewrite.frontends.capture as capture
+
+    capture.trace = _timed("capture", capture.trace)
     fx_frontend._ShapeRecorder.run = _timed("shapes", fx_frontend._ShapeRecorder.run)
     fx_import.FxImporter.run = _timed("import", fx_import.FxImporter.run)
     fx_emit.FxEmitter.run = _timed("write back", fx_emit.FxEmitter.run)
