@@ -133,6 +133,28 @@ def test_bad_inputs_still_name_the_failing_module():
             raise AssertionError(f"accepted an input of shape {tuple(bad.shape)} and dtype {bad.dtype}")
 
 
+class _Misfit(nn.Module):
+    def forward(self, x):
+        return x + x[:, :2]  # shapes that do not broadcast
+
+
+def test_inputs_the_model_cannot_take_are_refused_as_the_real_forward_refuses():
+    cases = [(nn.Sequential(nn.BatchNorm2d(8)).eval(), torch.randn(1, 4, 5, 5), "module '0'"),
+             (nn.Sequential(nn.BatchNorm1d(4)).eval(), torch.randn(1, 4, 5, 5), "module '0'"),
+             (nn.Sequential(nn.Flatten(), nn.Linear(10, 3)), torch.randn(2, 4, 3, 3), "module '1'"),
+             (nn.Sequential(nn.LayerNorm(7)), torch.randn(2, 4, 3, 3), "module '0'"),
+             (nn.Sequential(nn.Conv2d(3, 4, 3)), torch.randint(0, 5, (1, 3, 8, 8)), "module '0'"),
+             (nn.Sequential(nn.MaxPool2d(9)), torch.randn(1, 3, 4, 4), "module '0'"),
+             (_Misfit(), torch.randn(1, 4, 3, 3), "node add")]
+    for model, x, where in cases:
+        try:
+            rewrite.apply(model, ["remove_channels"], example_inputs=x)
+        except rewrite.RewriteError as exc:
+            assert "does not run on the example inputs" in str(exc) and where in str(exc), str(exc)
+        else:
+            raise AssertionError(f"{model} accepted an input of shape {tuple(x.shape)}")
+
+
 def test_training_mode_statistics_untouched_and_no_meta_tensor_left_behind():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5)).train()
