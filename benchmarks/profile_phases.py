@@ -6,7 +6,8 @@
 Wall-clock timers around the phases (cProfile's per-call overhead inflates Python-heavy phases
 such as tracing several times over, so its shares mislead). Phases, outermost first:
 - capture: torch.fx tracing of the model's forward;
-- shapes: the one forward over the traced graph that records shapes (only with example inputs);
+- shapes: the one pass over the traced graph that records shapes, on meta tensors or by running the
+  model (only with example inputs);
 - import: fx graph -> IR;
 - analysis: the channel analysis of remove_channels (rewrite.analysis);
 - arithmetic: rewrite.params and rewrite.numerics.kernels (float64 folds, kernel composition, checks);
@@ -69,7 +70,7 @@ def _patch_everywhere(module_name: str, attribute: str, phase: str) -> None:
 def install() -> None:
     import importlib
 
-    for name in ("rewrite.passes", "rewrite.frontends.fx", "rewrite.frontends.fx_emit", "rewrite.params",
+    for name in ("rewrite.passes", "rewrite.frontends.fx", "rewrite.frontends.capture", "rewrite.frontends.fx_emit", "rewrite.params",
                  "rewrite.numerics.kernels", "rewrite.analysis.channels", "rewrite.api"):
         importlib.import_module(name)
     import rewrite.api as api
@@ -77,8 +78,11 @@ def install() -> None:
     import rewrite.frontends.fx_emit as fx_emit
     import rewrite.frontends.fx_import as fx_import
 
-    fx_frontend.trace = _timed("capture", fx_frontend.trace)
+    import rewrite.frontends.capture as capture
+
+    capture.trace = _timed("capture", capture.trace)
     fx_frontend._ShapeRecorder.run = _timed("shapes", fx_frontend._ShapeRecorder.run)
+    fx_frontend.record_meta_shapes = _timed("shapes", fx_frontend.record_meta_shapes)
     fx_import.FxImporter.run = _timed("import", fx_import.FxImporter.run)
     fx_emit.FxEmitter.run = _timed("write back", fx_emit.FxEmitter.run)
     fx_emit._clone = _timed("copying", fx_emit._clone)
