@@ -101,7 +101,7 @@ def step(name: str, src: str, dst: str) -> dict:
 
         out, report = rewrite.apply(src, ["fold_bn"], return_report=True)
         result["folded"] = report["fold_bn"].result.counts.get("fold_bn_into_conv", 0)
-        save_onnx(out, dst)
+        save_onnx(out, dst, external_data=True)  # as the input keeps its weights
     elif name == "verify":
         import rewrite
 

@@ -115,8 +115,9 @@ def describe(source) -> str:
     return f"ModelProto {graph_name!r}"
 
 
-def load_onnx(path: str | os.PathLike, load_external_data: bool = True) -> onnx.ModelProto:
-    """Read and check an ONNX file. Any problem is a ModelLoadError naming the file (and node)."""
+def load_onnx(path: str | os.PathLike, load_external_data: bool = True, check: bool = True) -> onnx.ModelProto:
+    """Read and check an ONNX file (check=False: read only). Any problem is a ModelLoadError naming the file
+    (and node)."""
     path = os.fspath(path)
     where = f"file {path}"
     if not os.path.isfile(path):
@@ -129,7 +130,8 @@ def load_onnx(path: str | os.PathLike, load_external_data: bool = True) -> onnx.
     if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
         # An arbitrary byte string often parses as an empty ModelProto.
         raise ModelLoadError("not an ONNX model: the file holds no graph", where=where)
-    check_onnx(model, path)
+    if check:
+        check_onnx(model, path)
     return model
 
 
