@@ -23,6 +23,7 @@ from rewrite.errors import ModelLoadError
 from rewrite.frontends import onnx_export, onnx_weights
 from rewrite.frontends.onnx import save_onnx
 from rewrite.ir import Graph, Node
+from tests.onnx_builders import if_reading_outer
 
 
 def mixed_model(channels: int = 32, seed: int = 0, with_if: bool = False, cin: int = 3) -> onnx.ModelProto:
@@ -56,13 +57,10 @@ def mixed_model(channels: int = 32, seed: int = 0, with_if: bool = False, cin: i
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 10])]
     if with_if:  # an outer initializer read only inside a subgraph
         inits.append(init("k", rng.standard_normal((1, 10)).astype(np.float32)))
-        then_g = helper.make_graph([helper.make_node("Mul", ["y", "k"], ["t"])], "then", [],
-                                   [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
-        else_g = helper.make_graph([helper.make_node("Add", ["y", "k"], ["e"])], "else", [],
-                                   [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
-        nodes.append(helper.make_node("If", ["flag"], ["z"], name="branch", then_branch=then_g, else_branch=else_g))
-        inputs.append(helper.make_tensor_value_info("flag", TensorProto.BOOL, []))
-        outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 10]))
+        node, flag, out = if_reading_outer("y", "k", "z", [2, 10])
+        nodes.append(node)
+        inputs.append(flag)
+        outputs.append(out)
     model = helper.make_model(helper.make_graph(nodes, "mixed", inputs, outputs, inits),
                               opset_imports=[helper.make_opsetid("", 17)], producer_name="tests")
     model.ir_version = 8
