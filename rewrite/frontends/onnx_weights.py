@@ -208,9 +208,15 @@ def read_external_through(gs_graph: gs.Graph, weights: ExternalData | None) -> N
 def stub_constant(name: str, array: np.ndarray, pending: dict[str, np.ndarray]) -> gs.Constant | None:
     """A graphsurgeon constant for a big array that its export writes as a stub (no bytes); the array waits
     in `pending` for fill_initializers. None for arrays graphsurgeon should simply write."""
-    if array.nbytes < STUB_BYTES or _plain_dtype(onnx.helper.np_dtype_to_tensor_dtype(array.dtype)) is None:
+    if array.nbytes < STUB_BYTES:
         return None
-    stub = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+    try:
+        data_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+    except Exception:  # no ONNX type: graphsurgeon's export says so
+        return None
+    if _plain_dtype(data_type) is None:
+        return None
+    stub = onnx.TensorProto(name=name, data_type=data_type, dims=array.shape)
     stub.data_location = onnx.TensorProto.EXTERNAL
     entry = stub.external_data.add()
     entry.key, entry.value = "location", _PENDING
