@@ -15,6 +15,7 @@ from . import Frontend
 from .onnx_export import emit_model
 from .onnx_import import OnnxImporter
 from .onnx_io import check_onnx, describe, load_onnx, save_onnx, weightless_copy
+from .onnx_weights import load_lazily
 from .onnx_verify import OnnxReference, as_feeds, choose_sizes, float64_feeds, float64_model, random_inputs, verify_onnx
 
 __all__ = ["OnnxFrontend", "load_onnx", "save_onnx", "import_onnx", "export_onnx", "verify_onnx", "random_inputs"]
@@ -114,8 +115,9 @@ def import_onnx(model_or_path: Any, example_inputs=None, fold_constants: bool = 
 
     Constant subgraphs are folded for the passes; `fold_constants=True` also writes those no rewrite
     consumed as initializers (by default they are written back as they were)."""
+    weights = None
     if isinstance(model_or_path, (str, os.PathLike)):
-        model = load_onnx(model_or_path)
+        model, weights = load_lazily(model_or_path)  # external data read by the importer, once
     elif isinstance(model_or_path, onnx.ModelProto):
         model = model_or_path
         _check_external_data_loaded(model)
@@ -123,7 +125,7 @@ def import_onnx(model_or_path: Any, example_inputs=None, fold_constants: bool = 
     else:
         raise ModelLoadError(f"expected an onnx.ModelProto or a .onnx path, got {type(model_or_path).__name__}")
     graph = OnnxImporter(model, _inferred(model, describe(model_or_path)), describe(model_or_path),
-                         fold_constants=fold_constants).run()
+                         fold_constants=fold_constants, weights=weights).run()
     _concretize_shapes(graph, model, example_inputs)
     return graph
 

@@ -226,6 +226,8 @@ class Graph:
         node.drop_inputs()
         del self._nodes[node]
         node.graph = None
+        # Its tensors go now: node <-> value cycles would keep them until a collection (paused in apply).
+        node.params = {}
 
     def eliminate_dead_code(self) -> int:
         """Erase pure nodes whose outputs nobody reads. Returns how many were erased."""
