@@ -66,3 +66,19 @@ def test_a_subclass_with_its_own_forward_is_traced_as_written():
     assert any(n.target is operator.mul for n in graph.nodes)
     # super().forward is the stock one, but it is reached from the subclass: traced as written
     assert sum(1 for n in graph.nodes if n.target is torch._assert) == 1
+
+
+def test_a_forward_whose_source_changed_gets_no_shortcut(monkeypatch):
+    from timm.layers import BatchNormAct2d
+
+    stock = BatchNormAct2d.forward
+    assert Shortcuts().forms  # the installed timm's forward is the known one
+
+    def changed(self, x):  # what another timm release might write: same name, other computation
+        return stock(self, x) + 1
+
+    monkeypatch.setattr(BatchNormAct2d, "forward", changed)
+    assert not Shortcuts().forms
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), BatchNormAct2d(4)).eval()
+    graph = trace(model)
+    assert any(n.target is operator.add for n in graph.nodes)  # the changed forward, traced as written

@@ -6,12 +6,16 @@ import drops at once (a traced assertion guards nothing in the rewritten graph).
 forward without that line records exactly the other nodes, in the same order with the same names.
 
 A shortcut is taken only for the stock forward (not a subclass overriding it), in eval mode (the
-training branch updates a buffer in place), with no hooks on the module. tests/test_trace_shortcuts.py
-checks, on every timm model the suite traces, that the graph equals a full trace less its assertions,
-so a timm release that changes the forward fails there instead of tracing something else.
+training branch updates a buffer in place), with no hooks on the module, and only when the forward's
+source text is the one the shortcut was written from (another timm release's forward is traced as
+written). tests/test_trace_shortcuts.py checks, on the timm models the suite traces, that the graph
+equals a full trace less its assertions.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import inspect
 import sys
 from typing import Callable
 
@@ -28,12 +32,31 @@ def _timm_batch_norm_act(m: torch.nn.Module, x):
     return m.act(x)
 
 
+# The source text of the forward each shortcut reproduces (sha256), as the timm releases it was checked
+# against write it (1.0.x). A forward with any other text, from a release that changed it, is traced as
+# written: a shortcut of a forward that computes something else would give a silently wrong model.
+_KNOWN_SOURCES = {"timm.layers.norm_act.BatchNormAct2d.forward":
+                  {"0d3810e96688422c6834852827204032694343c2f69f59e908bbbd0d99317947"}}
+
+
+@functools.lru_cache(maxsize=None)
+def _source_is_known(fn: Callable, key: str) -> bool:
+    try:
+        text = inspect.getsource(fn)
+    except (OSError, TypeError):
+        return False
+    return hashlib.sha256(text.encode()).hexdigest() in _KNOWN_SOURCES[key]
+
+
 def _shortcuts() -> dict[Callable, Callable]:
-    """stock forward function -> its traced form; only for libraries already imported (never imports them)."""
+    """stock forward function -> its traced form; only for libraries already imported (never imports them),
+    and only where the forward's source is the one the shortcut was written from."""
     found: dict[Callable, Callable] = {}
     norm_act = sys.modules.get("timm.layers.norm_act")
     if norm_act is not None and hasattr(norm_act, "BatchNormAct2d"):
-        found[norm_act.BatchNormAct2d.forward] = _timm_batch_norm_act
+        forward = norm_act.BatchNormAct2d.forward
+        if _source_is_known(forward, "timm.layers.norm_act.BatchNormAct2d.forward"):
+            found[forward] = _timm_batch_norm_act
     return found
 
 
