@@ -34,13 +34,15 @@ def convs(model: nn.Module) -> int:
 
 
 def interleaved_latency(models: list[nn.Module], x: torch.Tensor, repeat: int) -> list[float]:
-    """Best time per model, the models timed in turn each round, so load from other work hits all alike."""
+    """Best time per model, the models timed in turn each round, so load from other work hits all alike.
+    The order turns each round: whichever runs first after another model meets colder caches."""
     best = [float("inf")] * len(models)
     with torch.no_grad():
         for m in models:
             m(x)  # warm-up
-        for _ in range(repeat):
-            for i, m in enumerate(models):
+        for round_ in range(repeat):
+            order = list(enumerate(models))
+            for i, m in order[round_ % len(order):] + order[:round_ % len(order)]:
                 best[i] = min(best[i], best_time(lambda: m(x), repeat=1, warmup=0))
     return best
 

@@ -4,7 +4,8 @@
 
 The model (a stack of 1024-channel 3x3 Conv + BatchNormalization + Relu, float32, 4x4 input) is
 written with onnx.save(..., save_as_external_data=True) to a temporary folder. Each step runs in a
-fresh process so its peak RSS is its own: `rewrite.apply(path, ["fold_bn"])` + `save_onnx`, then
+fresh process so its peak RSS is its own: `rewrite.apply(path, ["fold_bn"])` + `save_onnx` (with external
+data, as the input keeps its weights), then
 `rewrite.verify(original, rewritten)` in onnxruntime, then onnxsim on the same file (which cannot
 load models over 2 GB: protobuf's limit). Prints wall time, peak RSS and peak RSS / weight bytes.
 The folder is removed afterwards unless --keep.
@@ -101,7 +102,7 @@ def step(name: str, src: str, dst: str) -> dict:
 
         out, report = rewrite.apply(src, ["fold_bn"], return_report=True)
         result["folded"] = report["fold_bn"].result.counts.get("fold_bn_into_conv", 0)
-        save_onnx(out, dst)
+        save_onnx(out, dst, external_data=True)  # as the input keeps its weights
     elif name == "verify":
         import rewrite
 

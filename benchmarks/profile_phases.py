@@ -6,7 +6,8 @@
 Wall-clock timers around the phases (cProfile's per-call overhead inflates Python-heavy phases
 such as tracing several times over, so its shares mislead). Phases, outermost first:
 - capture: torch.fx tracing of the model's forward;
-- shapes: the one forward over the traced graph that records shapes (only with example inputs);
+- shapes: the one pass over the traced graph that records shapes, on meta tensors or by running the
+  model (only with example inputs);
 - import: fx graph -> IR;
 - analysis: the channel analysis of remove_channels (rewrite.analysis);
 - arithmetic: rewrite.params and rewrite.numerics.kernels (float64 folds, kernel composition, checks);
@@ -31,6 +32,12 @@ import rewrite  # noqa: E402
 from rewrite.testing import randomize_bn  # noqa: E402
 
 _TOTALS: dict[str, float] = defaultdict(float)
+_CLOCK = [time.perf_counter]  # time.process_time with --cpu-time
+
+
+def _clock() -> float:
+    return _CLOCK[0]()
+
 _STACK: list[list] = []  # [phase, start, time spent in nested phases]
 
 
@@ -39,13 +46,13 @@ def _timed(phase: str, fn):
     def wrapper(*args, **kwargs):
         if _STACK and _STACK[-1][0] == phase:  # a recursive call of the same phase counts once
             return fn(*args, **kwargs)
-        frame = [phase, time.perf_counter(), 0.0]
+        frame = [phase, _clock(), 0.0]
         _STACK.append(frame)
         try:
             return fn(*args, **kwargs)
         finally:
             _STACK.pop()
-            spent = time.perf_counter() - frame[1]
+            spent = _clock() - frame[1]
             _TOTALS[phase] += spent - frame[2]
             if _STACK:
                 _STACK[-1][2] += spent
@@ -69,7 +76,7 @@ def _patch_everywhere(module_name: str, attribute: str, phase: str) -> None:
 def install() -> None:
     import importlib
 
-    for name in ("rewrite.passes", "rewrite.frontends.fx", "rewrite.frontends.fx_emit", "rewrite.params",
+    for name in ("rewrite.passes", "rewrite.frontends.fx", "rewrite.frontends.capture", "rewrite.frontends.fx_emit", "rewrite.params",
                  "rewrite.numerics.kernels", "rewrite.analysis.channels", "rewrite.api"):
         importlib.import_module(name)
     import rewrite.api as api
@@ -77,8 +84,11 @@ def install() -> None:
     import rewrite.frontends.fx_emit as fx_emit
     import rewrite.frontends.fx_import as fx_import
 
-    fx_frontend.trace = _timed("capture", fx_frontend.trace)
+    import rewrite.frontends.capture as capture
+
+    capture.trace = _timed("capture", capture.trace)
     fx_frontend._ShapeRecorder.run = _timed("shapes", fx_frontend._ShapeRecorder.run)
+    fx_frontend.record_meta_shapes = _timed("shapes", fx_frontend.record_meta_shapes)
     fx_import.FxImporter.run = _timed("import", fx_import.FxImporter.run)
     fx_emit.FxEmitter.run = _timed("write back", fx_emit.FxEmitter.run)
     fx_emit._clone = _timed("copying", fx_emit._clone)
@@ -114,9 +124,9 @@ def _gc_timed(original):
             yield
         finally:
             gc.enable()
-            start = time.perf_counter()
+            start = _clock()
             gc.collect(1)
-            _TOTALS["gc"] += time.perf_counter() - start
+            _TOTALS["gc"] += _clock() - start
     return paused
 
 
@@ -143,9 +153,9 @@ def profile(name: str, repeat: int) -> tuple[float, dict[str, float]]:
     best_total, best = float("inf"), {}
     for _ in range(repeat):
         _TOTALS.clear()
-        start = time.perf_counter()
+        start = _clock()
         rewrite.apply(model, passes, example_inputs=x)
-        total = time.perf_counter() - start
+        total = _clock() - start
         if total < best_total:
             best_total, best = total, dict(_TOTALS)
     best["other"] = best_total - sum(best.values())
@@ -157,7 +167,11 @@ def main() -> None:
     parser.add_argument("--models", nargs="*",
                         default=["resnet50", "resnet152", "repvgg_a0", "mobileone_s0", "repvgg_b1", "resnet50_dead"])
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="this process's CPU time instead of wall time (a shared, oversubscribed machine)")
     args = parser.parse_args()
+    if args.cpu_time:
+        _CLOCK[0] = time.process_time
     torch.set_num_threads(1)
     install()
     print("| model | total | " + " | ".join(PHASES) + " |")

@@ -113,9 +113,11 @@ def _apply(model, passes, example_inputs, verify, return_report, inplace, option
                 bar.update()
     report.nodes_after = op_counts(graph)
     report.graph_after = snapshot(graph)
+    graph.meta["final_export"] = True  # nothing reads the graph's tensors after this: a frontend may let them go
     out = frontend.export(graph, copy_originals=not inplace)
     report.notes = frontend.notes(graph)  # after the export, which counts what it wrote back
     record_passes(out, pass_objects, options)
+    graph.dispose()  # freed now by reference counting: less left for the collection when apply ends
     return (out, report) if return_report else out
 
 

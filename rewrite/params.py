@@ -19,6 +19,14 @@ def f64(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach().to(device="cpu", dtype=torch.float64, copy=True)
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or inf in `t`: one pass, no copy (NaN propagates through aminmax)."""
+    if not t.is_floating_point() or not t.numel():
+        return True
+    low, high = torch.aminmax(t.detach())
+    return math.isfinite(float(low)) and math.isfinite(float(high))
+
+
 # A parameter this close to its dtype's largest value (within 2**32) makes activations overflow on
 # ordinary inputs, and a fold moves where: the original overflows and the rewrite does not, or the
 # reverse. Such sites are refused; the margin is far above any trained weight.

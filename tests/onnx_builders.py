@@ -22,3 +22,15 @@ def conv_bn_model(cin=4, cout=4, groups=1, seed=0, weight=None, bn_scale=None, t
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, 6, 6])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cout, 6, 6])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def if_reading_outer(value: str, captured: str, output: str, shape) -> tuple:
+    """An If whose branches multiply / add `value` by the outer initializer `captured` (read only inside them):
+    (the node, its bool input "flag", its output's value info)."""
+    then_g = helper.make_graph([helper.make_node("Mul", [value, captured], ["t"])], "then", [],
+                               [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    else_g = helper.make_graph([helper.make_node("Add", [value, captured], ["e"])], "else", [],
+                               [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
+    node = helper.make_node("If", ["flag"], [output], name="branch", then_branch=then_g, else_branch=else_g)
+    return (node, helper.make_tensor_value_info("flag", TensorProto.BOOL, []),
+            helper.make_tensor_value_info(output, TensorProto.FLOAT, shape))

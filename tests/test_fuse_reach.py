@@ -288,9 +288,29 @@ class PaddedCrop(nn.Module):
 def test_a_crop_whose_conv_pads_the_cut_side_is_not_read_as_a_smaller_padding():
     model = PaddedCrop().eval()
     x = torch.randn(1, 3, 6, 6)
-    check_pass("fuse_branches", model, x, expect_rewrite=False)
+    check_pass("fuse_branches", model, x, expect_rewrite=False, refuses="pads a side the crop cut")
     check_pass("fuse_branches", model, x.double(), dtype=torch.float64, expect_rewrite=False)
     assert _ops(model, x)[0] == {"conv": 2, "slice": 1, "add": 1}
+
+
+class PaddedCropBesideTwo(PaddedCrop):
+    """The square and a 1x1 merge; the padded crop stays apart, with its reason."""
+
+    def __init__(self):
+        super().__init__()
+        self.point = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        return super().forward(x) + self.point(x)
+
+
+def test_a_padded_crop_left_beside_a_merge_is_reported():
+    model = PaddedCropBesideTwo().eval()
+    x = torch.randn(1, 3, 6, 6)
+    _exact_both(model, x)
+    ops, report = _ops(model, x)
+    assert ops == {"conv": 2, "slice": 1, "add": 1}
+    assert any("pads a side the crop cut" in r.reason for r in report.passes[0].result.refused)
 
 
 class SameCrop(nn.Module):

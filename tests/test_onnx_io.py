@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 import rewrite
 from rewrite.errors import ModelLoadError, RewriteError
 from rewrite.frontends.onnx import load_onnx, save_onnx
+from tests.onnx_builders import if_reading_outer
 
 
 def conv_bn_model(with_if: bool = False, custom: bool = False) -> onnx.ModelProto:
@@ -29,13 +30,10 @@ def conv_bn_model(with_if: bool = False, custom: bool = False) -> onnx.ModelProt
     if with_if:
         # The captured initializer "k" is read only inside the branches.
         inits.append(numpy_helper.from_array(np.array([2.0, -1.0, 0.5, 3.0], np.float32).reshape(1, 4, 1, 1), "k"))
-        then_g = helper.make_graph([helper.make_node("Mul", ["y", "k"], ["t"])], "then", [],
-                                   [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
-        else_g = helper.make_graph([helper.make_node("Add", ["y", "k"], ["e"])], "else", [],
-                                   [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
-        nodes.append(helper.make_node("If", ["flag"], ["z"], name="branch", then_branch=then_g, else_branch=else_g))
-        inputs.append(helper.make_tensor_value_info("flag", TensorProto.BOOL, []))
-        outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 4, 6, 6]))
+        node, flag, out = if_reading_outer("y", "k", "z", ["batch", 4, 6, 6])
+        nodes.append(node)
+        inputs.append(flag)
+        outputs.append(out)
     if custom:
         nodes.append(helper.make_node("Mystery", ["y"], ["m"], name="custom", domain="com.example", level=3))
         outputs.append(helper.make_tensor_value_info("m", TensorProto.FLOAT, ["batch", 4, 6, 6]))

@@ -25,8 +25,8 @@ from rewrite.rule import rule
 
 from .branch_forms import (CascadePlan, KernelForm, branch_form, cascade_refusal, composed, node_form, plan_cascade,
                            stack_forms, sum_forms)
-from .branch_terms import (SUMS, WEIGHTED, Branch, Layout, Term, anchor_crops, classify, expand, find_layout,
-                           layout_of, obstacle, unaliased)
+from .branch_terms import (SUMS, WEIGHTED, Branch, Layout, Term, anchor_crops, classify, crop_refusals, expand,
+                           find_layout, layout_of, obstacle, unaliased)
 from ..cleanup import drop_zero_addend
 from ..fold_bn import fold_bn_into_conv, fold_bn_into_linear
 from .hidden_cascades import average_after_conv_as_conv, pad_into_pointwise_conv, pad_into_pointwise_conv_bn
@@ -159,9 +159,9 @@ def fuse_parallel_branches(ctx, add):
         operands += [_rescaled(ctx, b.term, layout, dtype) for b in group]
     if not merged:
         weighted_inputs = {id(b.input) for b in branches if b.kind in WEIGHTED}
-        reasons += _obstacles(graph, branches, weighted_inputs)
+        reasons += [why for why, _ in crop_refusals(branches)] + _obstacles(graph, branches, weighted_inputs)
         return ctx.fail("; ".join(reasons)) if reasons else None
-    _leave_parts(ctx, add, left)
+    _leave_parts(ctx, add, left + [(why, [conv]) for why, conv in crop_refusals(branches)])
     operands += expansion.loose
     if len(operands) == 1:
         return operands[0]

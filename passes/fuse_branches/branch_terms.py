@@ -177,6 +177,16 @@ def anchor_crops(branches: list[Branch]) -> list[Branch]:
             and not _pads_a_cropped_side(b) else b for b in branches]
 
 
+def crop_refusals(branches: list[Branch]) -> list[tuple[str, Node]]:
+    """(why, conv) for each branch reading a crop of a value another branch reads whole that was not
+    anchored to it (anchor_crops)."""
+    whole = {id(b.input) for b in branches if b.cropped is None}
+    return [(f"{b.node.label} reads a crop {list(b.cropped[1])} of what another branch reads whole and pads a "
+             f"side the crop cut (padding {list(b.node.attrs['padding'])}): its zeros there stand where the whole "
+             "input has pixels, so it cannot join that branch's conv", b.node) for b in branches
+            if b.cropped is not None and b.crop is None and id(b.cropped[0]) in whole]
+
+
 def _pads_a_cropped_side(branch: Branch) -> bool:
     """Whether the conv pads a side its crop cut: its zeros there stand where the whole value has pixels,
     so reading the whole value with less padding would not be the same (only padding 0 there is)."""

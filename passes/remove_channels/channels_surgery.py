@@ -11,7 +11,7 @@ import torch
 
 from rewrite.analysis.channels import ChannelGraph, Space, channel_dim
 from rewrite.ir import Graph, Node
-from rewrite.params import cast_like, f64
+from rewrite.params import all_finite, cast_like, f64
 
 
 class Surgery:
@@ -147,6 +147,8 @@ class Surgery:
         gone = keep.nonzero().flatten()
         c = self.cg.constants(sx)[gone]
         w = node.params["weight"].detach()
+        if not bool(c.ne(0).any()) and all_finite(w):
+            return bias  # zeros times finite weights fold nothing: decided without the float64 sums
         out = w.shape[0]
         w = w.reshape(out, sx.channels, -1)  # linear: the `mult` columns of each channel; conv: its taps
         delta = (f64(w.index_select(1, gone)).sum(-1) * c).sum(1)  # float64 on the removed columns only

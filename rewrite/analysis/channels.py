@@ -87,20 +87,38 @@ class ChannelGraph:
 
 def _union_find(n: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Connected components of n elements linked by edges (a[i], b[i]); label = smallest member."""
+    # index_select, not parent[a]: advanced indexing with an index tensor costs ~30x more on CPU
     parent = torch.arange(n)
     while True:
-        pa, pb = parent[a], parent[b]
+        pa, pb = parent.index_select(0, a), parent.index_select(0, b)
         lo, hi = torch.minimum(pa, pb), torch.maximum(pa, pb)
         hooked = parent.clone()
         hooked.scatter_reduce_(0, hi, lo, reduce="amin")
         while True:  # pointer jumping until every element points at its root
-            jumped = hooked[hooked]
+            jumped = hooked.index_select(0, hooked)
             if torch.equal(jumped, hooked):
                 break
             hooked = jumped
         if torch.equal(hooked, parent):
             return parent
         parent = hooked
+
+
+def _rows_reading_nonzero(flat: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
+    """Per row of `flat` (O, I, K): whether it has a non-zero among `columns` of I (all when None). Most rows
+    show one in their first two columns, so only the others are scanned in full: the same answer as one
+    count over the whole weight, which cost a quarter of remove_channels on a ResNet-50."""
+    rows = flat.shape[0]
+    if columns is not None and len(columns) == 0:
+        return torch.zeros(rows, dtype=torch.bool)
+    head = flat[:, :2] if columns is None else flat.index_select(1, columns[:2])
+    found = torch.count_nonzero(head.reshape(rows, -1), dim=1) > 0
+    rest = (~found).nonzero().flatten()
+    if len(rest):
+        tail = flat.index_select(0, rest)
+        tail = tail if columns is None else tail.index_select(1, columns)
+        found[rest] = torch.count_nonzero(tail.reshape(len(rest), -1), dim=1) > 0
+    return found
 
 
 def _varying(n: int) -> torch.Tensor:
@@ -281,26 +299,35 @@ class _Builder:
         flat = w.reshape(out, -1, mult) if node.kind == "linear" else w.reshape(out, w.shape[1], -1)
         total = bias_f64(node)
         if groups == 1:
-            # Fast path (most layers): one count_nonzero over the columns that vary, float64 only where constant.
+            # Fast path (most layers). An output row is constant when it reads no varying column; only those
+            # rows need the float64 sum of their constant inputs, and the zero-padding check only the columns
+            # whose constant is non-zero.
             known_in = ~torch.isnan(c)
             unknown_cols, cols = (~known_in).nonzero().flatten(), known_in.nonzero().flatten()
-            reads_varying = flat if len(cols) == 0 else flat.index_select(1, unknown_cols)
-            varying = torch.count_nonzero(reads_varying.reshape(out, -1), dim=1) > 0
-            sub = flat.index_select(1, cols)
-            nz = torch.count_nonzero(sub, dim=2) > 0  # (O, known inputs)
-            xg = c[cols].expand(out, -1)
-            known = torch.ones_like(nz)
-            if len(cols):
-                total = total + (f64(sub).sum(-1) * xg).sum(1)
-        else:
-            nz = flat.ne(0).any(-1)  # (O, in per group): which inputs each output reads
-            xg = c.reshape(groups, -1)[torch.arange(out) // (out // groups)]  # (O, in per group): the constants seen
-            known = ~torch.isnan(xg)
-            varying = (nz & ~known).any(1)
-            cols = known.any(0).nonzero().flatten()  # only columns with a constant need float64 sums
-            if len(cols):
-                wsum = f64(flat.index_select(1, cols)).sum(-1)
-                total = total + (wsum * torch.where(known[:, cols], xg[:, cols], torch.zeros(()))).sum(1)
+            varying = _rows_reading_nonzero(flat, None if len(cols) == 0 else unknown_cols)
+            rows = (~varying).nonzero().flatten()
+            if len(cols) and len(rows):
+                sub = flat.index_select(0, rows).index_select(1, cols)
+                total = total.clone()
+                total[rows] = total[rows] + (f64(sub).sum(-1) * c[cols].expand(len(rows), -1)).sum(1)
+            if node.kind == "conv" and zero_padded(node) and len(rows):
+                lit = cols[c[cols] != 0]  # constant, non-zero: differs at the zero-padded border
+                border = torch.zeros_like(varying)
+                if len(lit):
+                    border[rows] = _rows_reading_nonzero(flat.index_select(0, rows), lit)
+                if border.any():
+                    self.g.breaks.append(Block(so, border, f"{node.label} zero-pads its input, so the constant "
+                                                          "becomes non-constant at the border", node.label))
+                varying = varying | border
+            return torch.where(varying, torch.full_like(total, math.nan), total)
+        nz = flat.ne(0).any(-1)  # (O, in per group): which inputs each output reads
+        xg = c.reshape(groups, -1)[torch.arange(out) // (out // groups)]  # (O, in per group): the constants seen
+        known = ~torch.isnan(xg)
+        varying = (nz & ~known).any(1)
+        cols = known.any(0).nonzero().flatten()  # only columns with a constant need float64 sums
+        if len(cols):
+            wsum = f64(flat.index_select(1, cols)).sum(-1)
+            total = total + (wsum * torch.where(known[:, cols], xg[:, cols], torch.zeros(()))).sum(1)
         if node.kind == "conv" and zero_padded(node):
             border = (nz & known & (xg != 0)).any(1) & ~varying
             if border.any():

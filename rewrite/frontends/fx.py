@@ -12,6 +12,7 @@ from ..ir import Graph
 from .capture import capture_module
 from .fx_emit import emit_graph_module
 from .fx_import import FxImporter
+from .meta_shapes import record_meta_shapes
 from .param_folding import fold_parameter_expressions
 from .scatter_forms import rewrite_scatters
 
@@ -88,21 +89,33 @@ def import_captured(root: torch.nn.Module, fx_graph: fx.Graph, inputs: tuple, mo
     module = root
     if inputs:
         gm = fx.GraphModule(module, fx_graph)
-        recorder = _ShapeRecorder(gm)
-        try:
-            with preserved_buffers(module), torch.no_grad():
-                recorder.run(*inputs)
-        except Exception as exc:
-            if recorder.failure is not None:
-                raise recorder.failure from None
-            raise RewriteError(f"the model does not run on the example inputs: {type(exc).__name__}: {exc}",
-                               where=f"model {model_name}") from None
+        _record_shapes(module, gm, inputs, model_name)
     folded = {}
     if fold:
         with preserved_buffers(module):
             folded = fold_parameter_expressions(module, fx_graph)
     rewrite_scatters(fx_graph, folded)
     return FxImporter(module, fx_graph, folded).run()
+
+
+def _record_shapes(module: torch.nn.Module, gm: fx.GraphModule, inputs: tuple, model_name: str) -> None:
+    """node.meta["tensor_meta"] of every tensor: from a pass on meta tensors where that is safe (no arithmetic),
+    else from running the model on the example inputs."""
+    found = record_meta_shapes(gm, inputs)
+    if found is not None:
+        for n, meta in found.items():
+            n.meta["tensor_meta"] = TensorShape(*meta) if isinstance(meta[0], torch.Size) else \
+                tuple(TensorShape(*m) for m in meta)
+        return
+    recorder = _ShapeRecorder(gm)
+    try:
+        with preserved_buffers(module), torch.no_grad():
+            recorder.run(*inputs)
+    except Exception as exc:
+        if recorder.failure is not None:
+            raise recorder.failure from None
+        raise RewriteError(f"the model does not run on the example inputs: {type(exc).__name__}: {exc}",
+                           where=f"model {model_name}") from None
 
 
 def export_module(graph: Graph, copy_originals: bool = True) -> fx.GraphModule:

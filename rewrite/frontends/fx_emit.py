@@ -44,6 +44,23 @@ def _clone(obj: Any, memo: dict) -> Any:
     return copy.deepcopy(obj, memo)
 
 
+def _attach(parent: nn.Module, name: str, obj: Any) -> None:
+    """setattr(parent, name, obj). A module goes straight into `parent._modules` when no other
+    container holds the name and no global registration hook is set: what Module.__setattr__ ends in,
+    without its checks (a fifth of writing back a ResNet went to them)."""
+    if isinstance(obj, nn.Module) and not _module_registration_hooks() and name not in parent.__dict__ \
+            and name not in parent._parameters and name not in parent._buffers:
+        parent._modules[name] = obj
+    else:
+        setattr(parent, name, obj)
+
+
+def _module_registration_hooks() -> bool:
+    from torch.nn.modules import module as module_impl
+
+    return bool(getattr(module_impl, "_global_module_registration_hooks", True))
+
+
 class _Staging:
     """The module tree the GraphModule is built from: copies of what is used, plus new modules."""
 
@@ -70,7 +87,7 @@ class _Staging:
             existing = getattr(dst_parent, item, None)
             if existing is None:
                 existing = self._placeholder(src_parent)
-                setattr(dst_parent, item, existing)
+                _attach(dst_parent, item, existing)
             dst_parent = existing
         present = dst_parent._modules.get(field)
         if present is not None and id(present) in self.placeholders:
@@ -84,7 +101,7 @@ class _Staging:
             return  # already there (a module called twice, or an attribute of an installed module)
         obj = self._source(getattr(src_parent, field))
         if isinstance(obj, nn.Module) or isinstance(obj, nn.Parameter):
-            setattr(dst_parent, field, obj)
+            _attach(dst_parent, field, obj)
         elif isinstance(obj, torch.Tensor):
             persistent = field not in getattr(src_parent, "_non_persistent_buffers_set", set())
             dst_parent.register_buffer(field, obj, persistent=persistent)
@@ -136,10 +153,10 @@ class _Staging:
             child = getattr(parent, item, None)
             if child is None:
                 child = self._placeholder(parent)
-                setattr(parent, item, child)
+                _attach(parent, item, child)
             parent = child
         if isinstance(obj, nn.Module) or isinstance(obj, nn.Parameter):
-            setattr(parent, field, obj)
+            _attach(parent, field, obj)
         else:
             parent.register_buffer(field, obj)
         self.reserve(path)

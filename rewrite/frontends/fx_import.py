@@ -96,7 +96,13 @@ def pool_attrs(kernel_size, stride, padding, dims: int, **extra) -> dict:
 # -- module recognizers: (module) -> (kind, attrs, params) or None ------------------------------
 def _plain(m: nn.Module, *classes: type) -> bool:
     """An instance of one of `classes` whose forward is the stock one (not a custom subclass)."""
-    return any(isinstance(m, c) and type(m).forward is c.forward for c in classes)
+    return _plain_type(type(m), classes)
+
+
+@functools.lru_cache(maxsize=4096)
+def _plain_type(cls: type, classes: tuple[type, ...]) -> bool:
+    # Decided once per module class: the import asks about every module call, up to 30 times each.
+    return any(issubclass(cls, c) and cls.forward is c.forward for c in classes)
 
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -231,6 +237,7 @@ class FxImporter:
         self.placeholders: list[tuple[str, Any]] = []
         self.splits: dict[fx.Node, Node] = {}  # recognized split / chunk calls, whose getitems become outputs
         self.forms = FxForms()  # the ops whose definitions give plain fx forms (activations, user ops)
+        self._modules: dict[str, nn.Module] | None = None  # path -> module, built on first use
 
     # The import proper --------------------------------------------------------------------
     def run(self) -> Graph:
@@ -275,7 +282,7 @@ class FxImporter:
         if fx_node in self.folded:  # a parameter expression: a new constant, written anew
             return self._finish(Node("constant", fx_node.name, params={"value": self.folded[fx_node]}), fx_node)
         if fx_node.op == "get_attr":
-            tensor = _fetch_attr(self.root, fx_node.target)
+            tensor = self._fetch_attr(fx_node.target)
             if isinstance(tensor, torch.Tensor):
                 node = Node("constant", fx_node.name, params={"value": tensor})
                 node.origin = FxOrigin("get_attr", fx_node.target, (), {}, fx_node.name)
@@ -315,7 +322,7 @@ class FxImporter:
     # Recognized nodes --------------------------------------------------------------------
     def _recognize(self, fx_node: fx.Node) -> Value | None:
         if fx_node.op == "call_module":
-            module = self.root.get_submodule(fx_node.target)
+            module = self._module(fx_node.target)
             nargs = len(fx_node.args) + len(fx_node.kwargs)
             padding = pad_module_args(module) if nargs == 1 else None
             if padding is not None:
@@ -585,9 +592,26 @@ class FxImporter:
         if isinstance(arg, fx.Node) and arg in self.folded:
             return self.folded[arg]
         if isinstance(arg, fx.Node) and arg.op == "get_attr":
-            value = _fetch_attr(self.root, arg.target)
+            value = self._fetch_attr(arg.target)
             return value if isinstance(value, torch.Tensor) else None
         return None
+
+    def _module_paths(self) -> dict[str, nn.Module]:
+        # One walk of the module tree: a lookup per call walked its path (a sixth of the import)
+        if self._modules is None:
+            self._modules = dict(self.root.named_modules(remove_duplicate=False))
+        return self._modules
+
+    def _module(self, path: str) -> nn.Module:
+        """root.get_submodule(path)."""
+        module = self._module_paths().get(path)
+        return module if module is not None else self.root.get_submodule(path)
+
+    def _fetch_attr(self, target: str):
+        """The root's attribute at the dotted path `target`."""
+        parent, _, field = target.rpartition(".")
+        owner = self._module_paths().get(parent)
+        return getattr(owner, field) if owner is not None else _fetch_attr(self.root, target)
 
     @staticmethod
     def _set_meta(value: Value, fx_node: fx.Node) -> None:

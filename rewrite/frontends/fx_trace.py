@@ -11,17 +11,53 @@ import torch.fx as fx
 from torch.fx.proxy import Scope
 
 from ..errors import TraceError
+from .trace_shortcuts import Shortcuts
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class _ModuleStack(OrderedDict):
-    """fx's module call stack, copied into every traced node's meta: the same copy, made directly
-    (copy.copy's generic reduce path cost about 5% of tracing a timm model)."""
+    """fx's module call stack, copied into every traced node's meta. The copy is made directly
+    (copy.copy's generic reduce path cost about 5% of tracing a timm model), once per state of the
+    stack: the nodes traced between two module calls share it. Nothing edits or reads it after
+    tracing (the import does not; the graph stays ours), so one object per state is the same data,
+    with a few thousand fewer for the collector to walk."""
+
+    _snapshot: OrderedDict | None = None
+
+    def __setitem__(self, key, value):
+        self._snapshot = None
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        self._snapshot = None
+        super().__delitem__(key)
+
+    def popitem(self, last: bool = True):
+        self._snapshot = None
+        return super().popitem(last)
+
+    def pop(self, *args):
+        self._snapshot = None
+        return super().pop(*args)
+
+    def clear(self):
+        self._snapshot = None
+        super().clear()
+
+    def move_to_end(self, key, last: bool = True):
+        self._snapshot = None
+        super().move_to_end(key, last)
+
+    def setdefault(self, key, default=None):
+        self._snapshot = None
+        return super().setdefault(key, default)
 
     def __copy__(self):
-        return OrderedDict(self)
+        if self._snapshot is None:
+            self._snapshot = OrderedDict(self)
+        return self._snapshot
 
 
 class _Scope(Scope):
@@ -31,11 +67,18 @@ class _Scope(Scope):
         return Scope(self.module_path, self.module_type)
 
 
+# Types fx.Tracer.create_arg passes through unchanged (fx's own fast path lists them, with tensors,
+# which need their name looked up, and containers).
+_PLAIN_VALUES = frozenset({int, float, bool, complex, str, type(None), type(...), torch.dtype, torch.device,
+                           torch.memory_format, torch.layout})
+
+
 class _Tracer(fx.Tracer):
     """The default tracer, plus user leaf modules and a record of where a failure happened."""
 
-    def __init__(self, leaf_modules: Iterable[type | str] = ()):
+    def __init__(self, leaf_modules: Iterable[type | str] = (), shortcuts: bool = True):
         super().__init__()
+        self.shortcuts = Shortcuts() if shortcuts else None
         self.extra_leaves = tuple(leaf_modules)
         self.module_stack = _ModuleStack()
         self.scope = _Scope("", None)
@@ -47,6 +90,18 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
     def create_arg(self, a: Any):
+        # Plain Python values, proxies and plain containers: what fx's own checks end in for these
+        # exact types (none is a parameter, buffer, module, constant tensor or proxyable class),
+        # without running every check on each of the ~10 arguments a node has.
+        kind = type(a)
+        if kind in _PLAIN_VALUES:
+            return a
+        if kind is fx.Proxy:
+            return a.node
+        if kind is tuple:
+            return tuple([self.create_arg(item) for item in a])
+        if kind is list:
+            return [self.create_arg(item) for item in a]
         # torch.fx finds a parameter or buffer argument by scanning all of them, once per argument:
         # quadratic on models that hand their parameters to functions (timm's BatchNormAct2d). Same
         # answer (the first name of that tensor), looked up instead.
@@ -85,8 +140,9 @@ class _Tracer(fx.Tracer):
         return cached[1]
 
     def call_module(self, m, forward, args, kwargs):
+        shortcut = self.shortcuts.forward_for(m) if self.shortcuts is not None else None
         try:
-            return super().call_module(m, forward, args, kwargs)
+            return super().call_module(m, shortcut or forward, args, kwargs)
         except Exception as exc:  # remember the innermost module that failed
             if not hasattr(exc, "_rewrite_module"):
                 try:
@@ -97,9 +153,11 @@ class _Tracer(fx.Tracer):
 
 
 def trace(module: torch.nn.Module, concrete_args: dict[str, Any] | None = None,
-          leaf_modules: Iterable[type | str] = ()) -> fx.Graph:
-    """Trace `module` to an fx.Graph, or raise TraceError naming the module and source line."""
-    tracer = _Tracer(leaf_modules)
+          leaf_modules: Iterable[type | str] = (), shortcuts: bool = True) -> fx.Graph:
+    """Trace `module` to an fx.Graph, or raise TraceError naming the module and source line.
+
+    shortcuts: trace known library forwards without their shape assertions (trace_shortcuts.py)."""
+    tracer = _Tracer(leaf_modules, shortcuts)
     saved = _container_state(module)
     buffers = [(name, b, b._version, b.clone()) for name, b in module.named_buffers() if not b.is_meta]
     try:

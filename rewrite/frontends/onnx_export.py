@@ -18,7 +18,7 @@ import torch
 
 from ..errors import RewriteError
 from ..ir import Graph, Node, Value, fresh_name
-from . import chain, onnx_fold, onnx_forms
+from . import chain, onnx_fold, onnx_forms, onnx_weights
 from .onnx_import import EMPTY, In, OnnxOrigin, Orig, untouched
 
 
@@ -41,6 +41,9 @@ class OnnxEmitter:
         self.identity_outputs: list[tuple[Value, str]] = []
         self.folded_written = 0  # nodes folded at import and written back (see onnx_fold)
         self.folded_nodes: list[gs.Node] = []  # those written back as the nodes they were
+        # Big arrays are handed to graphsurgeon as stubs and written afterwards, one at a time (onnx_weights).
+        self.weights: onnx_weights.ExternalData | None = graph.meta.get("onnx_weights")
+        self.pending: dict[str, np.ndarray] = {}
 
     # -- naming -------------------------------------------------------------------------
     def fresh_tensor_name(self, base: str) -> str:
@@ -92,7 +95,11 @@ class OnnxEmitter:
         exported = gs.export_onnx(gs_graph, do_type_check=False)
         self.graph.meta["onnx_folded_written"] = self.folded_written
         self.graph.meta["onnx_folded_kept"] = onnx_fold.kept_folds(self.folded_nodes)
-        return self._finish(exported)
+        model = self._finish(exported)
+        # The final export of apply(): the graph is dropped next, so each tensor it holds is let go once written.
+        release = _releaser(self.graph) if self.graph.meta.get("final_export") else None
+        onnx_weights.fill_initializers(model.graph, self.pending, self.weights, release)
+        return model
 
     def emit(self, node: Node) -> None:
         if id(node) in self.emitted:
@@ -193,7 +200,8 @@ class OnnxEmitter:
 
     def constant(self, node: Node, suffix: str, tensor: torch.Tensor | np.ndarray) -> gs.Constant:
         array = tensor.detach().cpu().numpy() if isinstance(tensor, torch.Tensor) else np.asarray(tensor)
-        return gs.Constant(self.fresh_tensor_name(f"{node.name}.{suffix}"), np.ascontiguousarray(array))
+        name, array = self.fresh_tensor_name(f"{node.name}.{suffix}"), np.ascontiguousarray(array)
+        return onnx_weights.stub_constant(name, array, self.pending) or gs.Constant(name, array)
 
     def op(self, node: Node, op_type: str, inputs: list, outputs: list | None = None, **attrs) -> list[gs.Tensor]:
         """Add one ONNX node for `node`; intermediate outputs get fresh names."""
@@ -251,6 +259,20 @@ class OnnxEmitter:
         del exported.functions[:]
         exported.functions.extend(original.functions)
         return exported
+
+
+def _releaser(graph: Graph) -> Callable[[np.ndarray], None]:
+    """release(array): drop the graph's parameters that hold `array`'s memory, so it is freed once written."""
+    holders: dict[int, list[tuple[Node, str]]] = {}
+    for node in graph.nodes:
+        for key, tensor in node.params.items():
+            if isinstance(tensor, torch.Tensor) and tensor.numel():
+                holders.setdefault(tensor.data_ptr(), []).append((node, key))
+
+    def release(array: np.ndarray) -> None:
+        for node, key in holders.pop(array.__array_interface__["data"][0], ()):
+            node.params[key] = None
+    return release
 
 
 def _keep_value_info(graph: onnx.GraphProto, original: onnx.GraphProto) -> None:

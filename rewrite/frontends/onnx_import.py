@@ -22,7 +22,7 @@ import torch
 
 from ..errors import ModelLoadError
 from ..ir import Graph, Node, Value, clamp_bound
-from . import onnx_fold, onnx_forms
+from . import onnx_weights, onnx_fold, onnx_forms
 from .onnx_checks import check_batch_norm_params, check_conv_channels
 
 
@@ -121,12 +121,15 @@ def subgraph_captures(proto: onnx.NodeProto) -> list[str]:
 class OnnxImporter:
     """Builds the IR of one ModelProto."""
 
-    def __init__(self, model: onnx.ModelProto, inferred: onnx.ModelProto, source: str, fold_constants: bool = False):
+    def __init__(self, model: onnx.ModelProto, inferred: onnx.ModelProto, source: str, fold_constants: bool = False,
+                 weights: onnx_weights.ExternalData | None = None):
         self.model = model
+        self.weights = weights  # reads the initializers kept in external data (see onnx_weights)
         self.fold_constants = fold_constants  # write folded nodes as initializers, not as they were
         self.folded = 0  # nodes folded into constants
         self.source = source
         self.gs_graph = gs.import_onnx(model)
+        onnx_weights.read_external_through(self.gs_graph, weights)
         _add_inferred_types(self.gs_graph, inferred)
         self.graph = Graph()
         self.env: dict[str, Value] = {}
@@ -154,7 +157,7 @@ class OnnxImporter:
         self._drop_unread_folds()
         self.graph.meta.update(frontend="onnx", onnx_model=self.model, onnx_opset=self.opset,
                                onnx_output_names=[t.name for t in self.gs_graph.outputs],
-                               onnx_source=self.source, onnx_folded=self.folded)
+                               onnx_source=self.source, onnx_folded=self.folded, onnx_weights=self.weights)
         return self.graph
 
     def _drop_unread_folds(self) -> None:
@@ -187,8 +190,7 @@ class OnnxImporter:
         if tensor.name not in self.init_values:
             proto = self._initializer_protos().get(tensor.name)
             # From the TensorProto itself: gs's `tensor.values` would keep a second copy cached in the gs graph.
-            self.init_values[tensor.name] = to_torch(tensor.values if proto is None else
-                                                     onnx.numpy_helper.to_array(proto))
+            self.init_values[tensor.name] = to_torch(tensor.values) if proto is None else self._read(proto)
         return self.init_values[tensor.name]
 
     def _initializer_protos(self) -> dict:
@@ -210,7 +212,13 @@ class OnnxImporter:
         proto = self._initializer_protos().get(name)
         if proto is None:
             return None
-        return gs.Constant(name, onnx.numpy_helper.to_array(proto))
+        return gs.Constant(name, self._read(proto).numpy())
+
+    def _read(self, proto: onnx.TensorProto) -> torch.Tensor:
+        """An initializer's values in a tensor of their own; external data is read once, into it."""
+        if self.weights is not None and proto.data_location == onnx.TensorProto.EXTERNAL:
+            return torch.from_numpy(self.weights.array(proto))
+        return to_torch(onnx.numpy_helper.to_array(proto))
 
     def orig(self, tensor) -> Orig:
         """How an untouched node writes this input back: the original tensor, with its maker."""

@@ -14,15 +14,21 @@ from ..errors import ModelLoadError, NotVerifiableError, RewriteError
 from ..files import first_line
 from ..verify import FLOAT64_REFERENCE, VerifyResult
 from .onnx_io import PROTOBUF_LIMIT, approx_size, describe, load_onnx, save_onnx
+from .onnx_weights import load_lazily
 
 SYMBOLIC_DIM = 2  # the size drawn for a symbolic dimension (a dynamic batch, say)
 FLOAT64_REFERENCE_LIMIT = 1 << 30  # bytes of weights past which verification judges against the float32 original
 
 
-def _model(model_or_path) -> onnx.ModelProto:
-    if isinstance(model_or_path, (str, os.PathLike)):
+def _model(model_or_path, with_weights: bool = False) -> onnx.ModelProto:
+    """The model, checked. A path's external data stays on disk (onnxruntime reads the file itself) unless
+    `with_weights` and the weights are small enough for a float64 copy, which needs them in memory."""
+    if not isinstance(model_or_path, (str, os.PathLike)):
+        return model_or_path
+    model, weights = load_lazily(model_or_path)
+    if weights is not None and with_weights and approx_size(model) <= FLOAT64_REFERENCE_LIMIT:
         return load_onnx(model_or_path)
-    return model_or_path
+    return model
 
 
 # onnxruntime's words for "no kernel for this op": a model it cannot run is not verifiable, not bad input.
@@ -244,7 +250,7 @@ class OnnxReference:
     """The original's outputs in onnxruntime, and those of a float64 copy when it can be made and run."""
 
     def __init__(self, original, example_inputs: Any = None, tolerance: float | None = None, seed: int = 0, **_):
-        self.model = _model(original)
+        self.model = _model(original, with_weights=tolerance is None)
         self.feeds = random_inputs(self.model, seed) if example_inputs is None else as_feeds(self.model, example_inputs)
         self.inputs_used = describe_feeds(self.feeds)
         self.tolerance = tolerance

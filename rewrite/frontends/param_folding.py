@@ -74,8 +74,10 @@ def _may_write(node: fx.Node) -> bool:
 def _changing_buffers(root: torch.nn.Module, graph: fx.Graph) -> set | None:
     """The get_attr nodes of buffers forward may change (None: any buffer may, a module trains)."""
     changing = set()
+    training = any(m.training for m in root.modules())  # else no called module can be (one walk, not one per call)
     for node in graph.nodes:
-        if node.op == "call_module" and any(m.training for m in root.get_submodule(node.target).modules()):
+        if training and node.op == "call_module" and \
+                any(m.training for m in root.get_submodule(node.target).modules()):
             return None
         if _may_write(node):
             changing.update(n for n in node.all_input_nodes if n.op == "get_attr")
@@ -135,6 +137,14 @@ def fold_parameter_expressions(root: torch.nn.Module, graph: fx.Graph) -> dict[f
     folded reads are returned; the rest are intermediate steps of those."""
     native: dict[fx.Node, object] = {}
     wide: dict[fx.Node, object] = {}  # the same values computed from float64 leaves
+
+    def wide_of(n: fx.Node):
+        # a leaf's float64 copy, made when a continuous call reads it (most parameters are only read
+        # by the calls that use them, never folded: converting each up front was most of this pass)
+        if n not in wide:
+            wide[n] = _as_float64(native[n])
+        return wide[n]
+
     budget: dict[fx.Node, int] = {}  # how many elements the leaves of a value hold
     changing = _changing_buffers(root, graph)
     for node in graph.nodes:
@@ -145,7 +155,7 @@ def fold_parameter_expressions(root: torch.nn.Module, graph: fx.Graph) -> dict[f
                 continue
             if not isinstance(value, nn.Parameter) and (changing is None or node in changing):
                 continue  # a buffer forward updates (BN statistics in training): read when it runs
-            native[node], wide[node], budget[node] = value, _as_float64(value), _numel(value)
+            native[node], budget[node] = value, _numel(value)
             continue
         if not pure_call(node):
             continue
@@ -165,8 +175,7 @@ def fold_parameter_expressions(root: torch.nn.Module, graph: fx.Graph) -> dict[f
         if _continuous(node):
             try:
                 with torch.no_grad():
-                    precise = _call(node, fx.node.map_arg(node.args, lambda n: wide[n]),
-                                    fx.node.map_arg(node.kwargs, lambda n: wide[n]))
+                    precise = _call(node, fx.node.map_arg(node.args, wide_of), fx.node.map_arg(node.kwargs, wide_of))
             except Exception:
                 pass
         native[node], wide[node], budget[node] = value, precise, cap

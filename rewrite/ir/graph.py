@@ -166,6 +166,7 @@ class Graph:
         self.outputs: list[Value] = []
         self.meta: dict[str, Any] = {}
         self._names: set[str] = set()
+        self._erased: list[Node] = []  # kept for dispose(): an erased node and its outputs are a cycle
 
     @property
     def nodes(self) -> list[Node]:
@@ -226,6 +227,23 @@ class Graph:
         node.drop_inputs()
         del self._nodes[node]
         node.graph = None
+        # Its tensors go now: node <-> value cycles would keep them until a collection (paused in apply).
+        node.params = {}
+        self._erased.append(node)
+
+    def dispose(self) -> None:
+        """Break the graph's reference cycles (node <-> value, node <-> graph, erased nodes included),
+        so that reference counting frees it at once instead of the cyclic collector, which walked
+        every object of it. The graph is empty afterwards; call it only when nothing will read it."""
+        for node in list(self._nodes) + self._erased:
+            for value in node.outputs:
+                value.producer = None
+                value.uses = []
+            node.inputs = []
+            node.graph = None
+            node.origin = None
+        self._nodes, self._erased = {}, []
+        self.inputs, self.outputs, self.meta = [], [], {}
 
     def eliminate_dead_code(self) -> int:
         """Erase pure nodes whose outputs nobody reads. Returns how many were erased."""

@@ -1,0 +1,84 @@
+"""Tracing with shortcuts (rewrite/frontends/trace_shortcuts.py) records the full trace less its assertions."""
+import operator
+
+import pytest
+import torch
+import torch.fx as fx
+
+from rewrite.frontends.fx_import import _assertion_only
+from rewrite.frontends.fx_trace import trace
+from rewrite.frontends.trace_shortcuts import Shortcuts
+
+timm = pytest.importorskip("timm")
+
+
+def _signature(graph: fx.Graph, dropped: set) -> list[tuple]:
+    """Each node as (name, op, target, args, kwargs), arguments by name: what the import reads."""
+    def name_of(a):
+        return a.name if isinstance(a, fx.Node) else a
+    return [(n.name, n.op, n.target, fx.node.map_aggregate(n.args, name_of), fx.node.map_aggregate(n.kwargs, name_of))
+            for n in graph.nodes if n not in dropped]
+
+
+def _dead_assertion_feeders(graph: fx.Graph) -> set:
+    """The assertions, the pure calls only they read (what the import skips), and the `x.ndim` read
+    for their messages, which nothing reads (what the import erases as dead code)."""
+    dropped = _assertion_only(graph)
+    return dropped | {n for n in graph.nodes if not n.users and n.op == "call_function" and n.target is getattr}
+
+
+@pytest.mark.parametrize("name", ["mobileone_s0", "repvgg_a0", "efficientnet_b0", "repghostnet_050"])
+def test_shortcut_trace_is_the_full_trace_without_assertions(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    full = trace(model, shortcuts=False)
+    short = trace(model)
+    asserts = sum(1 for n in full.nodes if n.target is torch._assert)
+    assert asserts > 0  # the model has the assertions the shortcut leaves out
+    assert not any(n.target is torch._assert for n in short.nodes)
+    assert len(short.nodes) < len(full.nodes)
+    assert _signature(short, set()) == _signature(full, _dead_assertion_feeders(full))
+
+
+def test_no_shortcut_in_training_mode_or_with_hooks():
+    model = timm.create_model("repvgg_a0").eval()
+    bn = next(m for m in model.modules() if type(m).__name__ == "BatchNormAct2d")
+    assert Shortcuts().forward_for(bn) is not None
+    assert Shortcuts().forward_for(bn.train()) is None  # its training branch updates a buffer in place
+    bn.eval()
+    handle = bn.register_forward_hook(lambda *a: None)
+    try:
+        graph = trace(model)
+    finally:
+        handle.remove()
+    assert sum(1 for n in graph.nodes if n.target is torch._assert) == 1
+
+
+def test_a_subclass_with_its_own_forward_is_traced_as_written():
+    from timm.layers import BatchNormAct2d
+
+    class Doubled(BatchNormAct2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), Doubled(4)).eval()
+    graph = trace(model)
+    assert any(n.target is operator.mul for n in graph.nodes)
+    # super().forward is the stock one, but it is reached from the subclass: traced as written
+    assert sum(1 for n in graph.nodes if n.target is torch._assert) == 1
+
+
+def test_a_forward_whose_source_changed_gets_no_shortcut(monkeypatch):
+    from timm.layers import BatchNormAct2d
+
+    stock = BatchNormAct2d.forward
+    assert Shortcuts().forms  # the installed timm's forward is the known one
+
+    def changed(self, x):  # what another timm release might write: same name, other computation
+        return stock(self, x) + 1
+
+    monkeypatch.setattr(BatchNormAct2d, "forward", changed)
+    assert not Shortcuts().forms
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), BatchNormAct2d(4)).eval()
+    graph = trace(model)
+    assert any(n.target is operator.add for n in graph.nodes)  # the changed forward, traced as written
