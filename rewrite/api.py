@@ -132,5 +132,7 @@ def _check_pass(frontend, graph: Graph, reference, pass_name: str):
         raise EquivalenceError(f"the rewritten model cannot be checked: {type(exc).__name__}: {exc}",
                                where=f"pass {pass_name}") from exc
     if not verification.ok:
-        raise EquivalenceError(f"outputs changed: {verification}", where=f"pass {pass_name}")
+        what = "outputs changed" if verification.changed else "the outputs cannot be compared"
+        raise EquivalenceError(f"{what}: {verification}",
+                               where=f"pass {pass_name}")
     return verification

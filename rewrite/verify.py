@@ -63,6 +63,8 @@ class VerifyResult:
     tolerance: float | None = 1e-5  # a fixed bound on max_rel, or None: judged against the float64 reference
     dtype: str = "float32"
     problems: list[str] = field(default_factory=list)  # structure, dtype, device or shape mismatches; crashes
+    # outputs that prove nothing when equal (empty, or not one finite value): the check is not a verdict
+    uncomparable: list[str] = field(default_factory=list)
     reference: str = "float64 copy of the original"
     exact: "VerifyResult | None" = None  # verify(..., exact=True): a float64 copy rewritten, checked at 1e-10
 
@@ -84,13 +86,20 @@ class VerifyResult:
 
     @property
     def ok(self) -> bool:
-        return not self.problems and all(o.ok for o in self.outputs) and (self.exact is None or self.exact.ok)
+        return not self.problems and not self.uncomparable and all(o.ok for o in self.outputs) and (
+            self.exact is None or self.exact.ok)
+
+    @property
+    def changed(self) -> bool:
+        """Did some output differ (or differ in kind, shape, dtype), as opposed to not being comparable?"""
+        return bool(self.problems) or not all(o.ok for o in self.outputs) or (
+            self.exact is not None and self.exact.changed)
 
     def summary(self) -> str:
         """One line: the verdict and the two errors a user compares."""
         verdict = "ok" if self.ok else "FAILED"
-        if self.problems:
-            return f"{verdict}: " + "; ".join(self.problems)
+        if self.problems or self.uncomparable:
+            return f"{verdict}: " + "; ".join(self.problems + self.uncomparable)
         if self.rewritten_error is not None:
             text = (f"{verdict} ({self.dtype}): original {self.dtype} error {self.original_error:.1e}, "
                     f"rewritten {self.rewritten_error:.1e} against the {self.reference}")
@@ -104,12 +113,13 @@ class VerifyResult:
 
     def __str__(self) -> str:
         rows = "; ".join(str(o) for o in self.outputs if not o.ok) or "; ".join(str(o) for o in self.outputs[:4])
-        return f"{self.summary()}" + (f" [{rows}]" if rows and not self.problems else "")
+        return f"{self.summary()}" + (f" [{rows}]" if rows and not self.problems and not self.uncomparable else "")
 
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "dtype": self.dtype, "reference": self.reference, "tolerance": self.tolerance,
                 "max_abs": self.max_abs, "max_rel": self.max_rel, "original_error": self.original_error,
                 "rewritten_error": self.rewritten_error, "problems": list(self.problems),
+                "uncomparable": list(self.uncomparable),
                 "outputs": [dict(vars(o), shape=list(o.shape)) for o in self.outputs],
                 "exact": None if self.exact is None else self.exact.to_dict()}
 
@@ -193,10 +203,25 @@ def judge(original, rewritten, reference=None, tolerance: float | None = None,
             continue
         if not isinstance(a, torch.Tensor):
             continue
+        problem = _nothing_to_compare(name, a)
+        if problem:
+            result.uncomparable.append(problem)
+            continue
         result.outputs.append(_judge_tensor(name, a, b, r, tolerance))
     if tolerance is None and reference is None:
         result.tolerance = DEFAULT_TOLERANCE.get(getattr(torch, dtype), 1e-5)
     return result
+
+
+def _nothing_to_compare(name: str, a: torch.Tensor) -> str | None:
+    """Why an output proves nothing when equal: it is empty, or no value of it is finite (equal infinities
+    and NaNs at the same places count as equal, so every rewrite would pass)."""
+    if not a.numel():
+        return f"{name} is empty (shape {tuple(a.shape)}): nothing to compare; give inputs with at least one element"
+    if a.is_floating_point() and not bool(torch.isfinite(a).any()):
+        return (f"none of the {a.numel()} values of {name} is finite in the original (inf or NaN): the comparison "
+                "would prove nothing; give inputs (or BN statistics) that keep the model's outputs finite")
+    return None
 
 
 def _shape_of(spec) -> str:

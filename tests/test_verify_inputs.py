@@ -215,3 +215,23 @@ def test_onnx_without_a_double_kernel_falls_back_to_the_original_and_says_so():
     check = report["fold_bn"].verification
     assert check.ok and "cannot run its float64 copy" in check.reference and check.rewritten_error is None
     assert check.tolerance == 1e-5 and "against the original (onnxruntime cannot run" in check.summary()
+
+
+# -- outputs that prove nothing ----------------------------------------------------------------
+def test_an_output_with_no_finite_value_or_no_value_is_no_verdict():
+    inf = torch.full((2, 3), float("inf"))
+    check = judge(inf, inf.clone())
+    assert not check.ok and not check.changed and "none of the 6 values of output is finite" in check.summary()
+    empty = torch.ones(0, 4)
+    assert not judge(empty, empty.clone()).ok and "is empty" in judge(empty, empty.clone()).summary()
+    partly = torch.tensor([1.0, float("nan"), 2.0])
+    assert judge(partly, partly.clone()).ok  # NaN at the same place, the rest compared
+    assert judge(partly, partly + 1).changed
+
+
+def test_verify_true_on_a_model_that_overflows_says_it_cannot_compare():
+    model = conv_bn_net()
+    with torch.no_grad():
+        model[3].weight.fill_(3e38)  # every output is inf or NaN
+    with pytest.raises(rewrite.EquivalenceError, match="the outputs cannot be compared: .* is finite in the original"):
+        rewrite.apply(model, ["fold_bn"], example_inputs=(torch.randn(1, 3, 6, 6),), verify=True)
