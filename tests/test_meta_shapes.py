@@ -138,6 +138,11 @@ class _Misfit(nn.Module):
         return x + x[:, :2]  # shapes that do not broadcast
 
 
+class _Gelu(nn.Module):
+    def forward(self, x):
+        return torch.nn.functional.gelu(x)
+
+
 def test_inputs_the_model_cannot_take_are_refused_as_the_real_forward_refuses():
     cases = [(nn.Sequential(nn.BatchNorm2d(8)).eval(), torch.randn(1, 4, 5, 5), "module '0'"),
              (nn.Sequential(nn.BatchNorm1d(4)).eval(), torch.randn(1, 4, 5, 5), "module '0'"),
@@ -145,6 +150,8 @@ def test_inputs_the_model_cannot_take_are_refused_as_the_real_forward_refuses():
              (nn.Sequential(nn.LayerNorm(7)), torch.randn(2, 4, 3, 3), "module '0'"),
              (nn.Sequential(nn.Conv2d(3, 4, 3)), torch.randint(0, 5, (1, 3, 8, 8)), "module '0'"),
              (nn.Sequential(nn.MaxPool2d(9)), torch.randn(1, 3, 4, 4), "module '0'"),
+             (nn.Sequential(nn.GELU()), torch.randint(0, 5, (1, 3, 4, 4)), "module '0'"),  # meta takes it, GELU not
+             (_Gelu(), torch.randint(0, 5, (1, 3, 4, 4)), "node gelu"),
              (_Misfit(), torch.randn(1, 4, 3, 3), "node add")]
     for model, x, where in cases:
         try:

@@ -82,3 +82,39 @@ def test_a_forward_whose_source_changed_gets_no_shortcut(monkeypatch):
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), BatchNormAct2d(4)).eval()
     graph = trace(model)
     assert any(n.target is operator.add for n in graph.nodes)  # the changed forward, traced as written
+
+
+def test_a_forward_set_on_the_instance_is_traced_not_the_stock_one():
+    import types
+
+    from timm.layers import BatchNormAct2d
+
+    import rewrite
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), BatchNormAct2d(4)).eval()
+    stock = model[1].forward
+    model[1].forward = types.MethodType(lambda self, x: stock(x) * 2 + 1, model[1])  # an adapter's injection
+    x = torch.randn(1, 3, 5, 5)
+    out = rewrite.apply(model, ["fold_bn"])
+    assert torch.allclose(out(x), model(x), atol=1e-5)
+
+
+def test_a_stock_leaf_with_a_patched_forward_is_not_read_as_stock():
+    import types
+
+    import rewrite
+
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+    stock = conv.forward
+    conv.forward = types.MethodType(lambda self, x: stock(x) * 3.0, conv)  # on the instance
+    model = torch.nn.Sequential(conv, torch.nn.BatchNorm2d(4)).eval()
+    x = torch.randn(1, 3, 6, 6)
+    assert torch.allclose(rewrite.apply(model, ["fold_bn"], example_inputs=(x,))(x), model(x), atol=1e-5)
+
+    class Leaf(torch.nn.Conv2d):
+        pass
+
+    model = torch.nn.Sequential(Leaf(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4)).eval()
+    rewrite.apply(model, ["fold_bn"], leaf_modules=[Leaf])  # decided once for Leaf's stock forward ...
+    Leaf.forward = lambda self, x: torch.nn.Conv2d.forward(self, x) * 3.0  # ... then the class is patched
+    assert torch.allclose(rewrite.apply(model, ["fold_bn"], leaf_modules=[Leaf])(x), model(x), atol=1e-5)

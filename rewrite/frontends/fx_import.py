@@ -95,14 +95,17 @@ def pool_attrs(kernel_size, stride, padding, dims: int, **extra) -> dict:
 
 # -- module recognizers: (module) -> (kind, attrs, params) or None ------------------------------
 def _plain(m: nn.Module, *classes: type) -> bool:
-    """An instance of one of `classes` whose forward is the stock one (not a custom subclass)."""
-    return _plain_type(type(m), classes)
+    """An instance of one of `classes` whose forward is the stock one (not a custom subclass, not a forward
+    set on the instance or patched on the class)."""
+    cls = type(m)
+    return "forward" not in m.__dict__ and _plain_type(cls, cls.forward, classes)
 
 
 @functools.lru_cache(maxsize=4096)
-def _plain_type(cls: type, classes: tuple[type, ...]) -> bool:
-    # Decided once per module class: the import asks about every module call, up to 30 times each.
-    return any(issubclass(cls, c) and cls.forward is c.forward for c in classes)
+def _plain_type(cls: type, forward, classes: tuple[type, ...]) -> bool:
+    # Decided once per module class and forward (a class patched later is asked anew): the import asks
+    # about every module call, up to 30 times each.
+    return any(issubclass(cls, c) and forward is c.forward for c in classes)
 
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)

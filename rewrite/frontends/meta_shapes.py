@@ -169,6 +169,15 @@ def _dtypes_one(args: tuple, kwargs: dict) -> None:
                     raise _Unsupported
 
 
+def _floating_only(args: tuple, kwargs: dict) -> None:
+    """Activations, norms and torch.nn layers: their real kernels refuse integer and boolean tensors that
+    their meta functions accept (GELU of a long tensor), so such inputs run the real forward, which says
+    where the model fails. (An nn.Embedding's index input goes that way too, only slower.)"""
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, torch.Tensor) and not (v.is_floating_point() or v.is_complex()):
+            raise _Unsupported
+
+
 class _MetaShapes(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule):
         super().__init__(gm, garbage_collect_values=True)
@@ -195,11 +204,15 @@ class _MetaShapes(fx.Interpreter):
                 raise _Unsupported  # a user function (fx.wrap) may read values or have side effects
         _dtypes_one(args, kwargs)
         rule = _DIRECT_FUNCTIONS.get(target)
+        if rule is not None and rule not in (_broadcast, _operator):
+            _floating_only(args, kwargs)
         return target(*args, **kwargs) if rule is None else _direct(rule, args, kwargs, target)
 
     def call_method(self, target, args, kwargs):
         _dtypes_one(args, kwargs)
         rule = _DIRECT_METHODS.get(target)
+        if rule is _same_shape:
+            _floating_only(args, kwargs)
         if rule is None:
             return super().call_method(target, args, kwargs)
         return _direct(rule, args, kwargs, lambda *a, **k: super(_MetaShapes, self).call_method(target, a, k))
@@ -211,6 +224,7 @@ class _MetaShapes(fx.Interpreter):
             raise _Unsupported  # a user leaf module: its forward may read values or keep state
         own = [*module._parameters.values(), *module._buffers.values()]
         _dtypes_one((*args, *own), kwargs)
+        _floating_only(args, kwargs)
         if kind is torch.nn.Identity and len(args) == 1 and not kwargs:
             return args[0]
         if kind in _SAME_SHAPE_MODULES and not own:

@@ -69,8 +69,8 @@ class Shortcuts:
     def forward_for(self, m: torch.nn.Module) -> Callable | None:
         """A forward to trace in place of `m`'s own, or None to trace `m` as it is."""
         form = self.forms.get(type(m).forward) if self.forms else None
-        if form is None or m.training or m._forward_hooks or m._forward_pre_hooks or m._backward_hooks \
-                or m._backward_pre_hooks:
+        if form is None or "forward" in m.__dict__ or m.training or m._forward_hooks or m._forward_pre_hooks \
+                or m._backward_hooks or m._backward_pre_hooks:  # a forward set on the instance is what runs
             return None
         return lambda *args, **kwargs: form(m, *args, **kwargs)
 
