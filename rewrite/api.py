@@ -7,7 +7,7 @@ from collections import Counter
 from contextlib import contextmanager
 from typing import Any, Sequence
 
-from .errors import EquivalenceError, RewriteError
+from .errors import EquivalenceError, NotVerifiableError, RewriteError
 from .frontends import frontend_for
 from .ir import Graph
 from .errors import PassError
@@ -132,7 +132,7 @@ def _check_pass(frontend, graph: Graph, reference, pass_name: str):
         raise EquivalenceError(f"the rewritten model cannot be checked: {type(exc).__name__}: {exc}",
                                where=f"pass {pass_name}") from exc
     if not verification.ok:
-        what = "outputs changed" if verification.changed else "the outputs cannot be compared"
-        raise EquivalenceError(f"{what}: {verification}",
-                               where=f"pass {pass_name}")
+        if not verification.changed:  # equal, but nothing was compared: no verdict either way
+            raise NotVerifiableError(f"the outputs cannot be compared: {verification}", where=f"pass {pass_name}")
+        raise EquivalenceError(f"outputs changed: {verification}", where=f"pass {pass_name}")
     return verification

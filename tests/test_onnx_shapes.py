@@ -174,3 +174,26 @@ def test_remove_channels_reaches_the_classifier_through_the_shape_subgraph(expor
         inputs = np.random.default_rng(batch).standard_normal((batch, 3, 16, 16)).astype(np.float32)
         check = rewrite.verify(model, out, {model.graph.input[0].name: inputs})
         assert check.ok and check.max_rel <= 1e-5, str(check)
+
+
+def _pooled_residual(declare_y: bool):
+    """x + conv(x), the conv a 4x4 valid one: N x C x 1 x 1, broadcast over H, W. The output is declared with
+    the input's symbol names (as dynamic_axes writes it); `declare_y` also declares y so, which is false."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.random.default_rng(0).standard_normal((4, 4, 4, 4)).astype(np.float32)
+    dims = ["N", 4, "H", "W"]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"]), helper.make_node("Add", ["x", "y"], ["out"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, dims)], [numpy_helper.from_array(weight, "w")],
+        value_info=[helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)] if declare_y else [])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_symbol_names_reused_for_other_sizes_are_not_read_as_the_inputs_sizes():
+    x = np.random.default_rng(1).standard_normal((1, 4, 4, 4)).astype(np.float32)
+    out, report = rewrite.apply(_pooled_residual(False), ["remove_residual"], example_inputs=x, return_report=True)
+    assert "the add broadcasts" in str(report) and [n.op_type for n in out.graph.node] == ["Conv", "Add"]
+    with pytest.raises(rewrite.ModelLoadError, match="declared shapes contradict .* H=4"):
+        rewrite.apply(_pooled_residual(True), ["remove_residual"], example_inputs=x)

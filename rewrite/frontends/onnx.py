@@ -75,12 +75,16 @@ def _concretize_shapes(graph: Graph, model: onnx.ModelProto, example_inputs) -> 
     whose shape still depends on an unfixed symbol gets None, so passes refuse rather than guess.
     """
     sizes = _symbol_sizes(model, example_inputs)
+    outputs = {id(v) for v in graph.outputs}
     values = list(graph.inputs) + [v for node in graph.nodes for v in node.outputs]
     unknown = []
     for value in values:
         if value.shape is not None and all(isinstance(d, int) for d in value.shape):
             continue
-        dims = None if value.shape is None else tuple(sizes.get(d) if isinstance(d, str) else d for d in value.shape)
+        # A graph output's symbols are names its user chose (dynamic_axes): one named like an input axis need
+        # not have its size (a pooled [N, C, H, W] that is N x C x 1 x 1), so outputs take inference's shape.
+        dims = None if value.shape is None or id(value) in outputs else \
+            tuple(sizes.get(d) if isinstance(d, str) else d for d in value.shape)
         value.shape = dims if dims is not None and all(isinstance(d, int) for d in dims) else None
         if value.shape is None and value.name:
             unknown.append(value)
@@ -97,14 +101,24 @@ def _concrete_shapes(model: onnx.ModelProto, sizes: dict[str, int]) -> dict[str,
     light = weightless_copy(model, keep_dims=True)
     # The declared value_info too: the dynamo exporter writes intermediate shapes in the inputs' symbols
     # (s77 x 16 x 1 x 1), and inference keeps a declared symbol where it would have found the size.
-    for value in list(light.graph.input) + list(light.graph.value_info) + list(light.graph.output):
+    for value in list(light.graph.input) + list(light.graph.value_info):
         for dim in value.type.tensor_type.shape.dim:
             if not dim.HasField("dim_value") and dim.dim_param in sizes:
                 dim.dim_value = sizes[dim.dim_param]
-    try:
-        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
-    except Exception:  # shapes help the passes; without them they refuse, saying so
-        return {}
+    for value in light.graph.output:  # found by inference, not read from the names (above)
+        if value.type.tensor_type.HasField("shape"):
+            value.type.tensor_type.ClearField("shape")
+    try:  # strict: a declared shape that these sizes contradict (a reused symbol name) is an error
+        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True, strict_mode=True)
+    except Exception as exc:
+        if _CONTRADICTION.search(str(exc)):
+            raise ModelLoadError("the declared shapes contradict what the ops compute on the example inputs' sizes "
+                                 f"({', '.join(f'{k}={v}' for k, v in sizes.items())}): {first_line(exc)}",
+                                 where=describe(model)) from None
+        try:
+            inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
+        except Exception:  # shapes help the passes; without them they refuse, saying so
+            return {}
     found = {}
     for info in list(inferred.graph.value_info) + list(inferred.graph.output):
         tensor_type = info.type.tensor_type
