@@ -119,6 +119,12 @@ def test_what_meta_tensors_cannot_answer_is_left_to_the_real_forward():
     gm = fx.GraphModule(hooked, trace(hooked))
     assert record_meta_shapes(gm, (x,)) is None
     assert seen == []
+    # a forward set on the instance is what runs, not the class's conv (a real forward of 2 channels)
+    patched = nn.Sequential(nn.Conv2d(4, 8, 1), nn.ReLU())
+    stock = patched[0].forward
+    patched[0].forward = lambda y: stock(y)[:, :2]
+    gm = fx.GraphModule(patched, trace(patched))
+    assert record_meta_shapes(gm, (x,)) is None
 
 
 def test_bad_inputs_still_name_the_failing_module():

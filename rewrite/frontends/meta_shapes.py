@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
+from .module_calls import runs_class_forward
+
 _PURE_MODULES = ("torch", "_operator", "operator", "math", "builtins")
 _BATCH_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
 # Ops whose output has their one input's shape and dtype (a floating input), many of them Python
@@ -53,16 +55,6 @@ def _to_meta(value: Any) -> Any:
             raise _Unsupported
         return value.to("meta")
     return value
-
-
-def _no_hooks(module: torch.nn.Module) -> bool:
-    from torch.nn.modules import module as module_globals
-
-    local = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
-             getattr(module, "_backward_pre_hooks", None))
-    shared = (module_globals._global_forward_hooks, module_globals._global_forward_pre_hooks,
-              module_globals._global_backward_hooks, getattr(module_globals, "_global_backward_pre_hooks", None))
-    return not any(local) and not any(shared)
 
 
 def _bn_output(x: Any, stats: list, training: bool) -> torch.Tensor:
@@ -150,6 +142,10 @@ _DIRECT_METHODS = {**{m: _same_shape for m in _SAME_SHAPE_METHODS},
                    **{m: _broadcast for m in ("add", "sub", "mul", "div", "__add__", "__mul__")}}
 
 
+# Direct answers for ops whose real kernels take floating tensors only (the arithmetic ones take any).
+_FLOATING_RULES = frozenset((_same_shape, _gelu, _layer_norm_output, _functional_bn))
+
+
 def _direct(rule, args, kwargs, otherwise):
     try:
         return rule(*args, **kwargs)
@@ -204,14 +200,14 @@ class _MetaShapes(fx.Interpreter):
                 raise _Unsupported  # a user function (fx.wrap) may read values or have side effects
         _dtypes_one(args, kwargs)
         rule = _DIRECT_FUNCTIONS.get(target)
-        if rule is not None and rule not in (_broadcast, _operator):
+        if rule in _FLOATING_RULES:
             _floating_only(args, kwargs)
         return target(*args, **kwargs) if rule is None else _direct(rule, args, kwargs, target)
 
     def call_method(self, target, args, kwargs):
         _dtypes_one(args, kwargs)
         rule = _DIRECT_METHODS.get(target)
-        if rule is _same_shape:
+        if rule in _FLOATING_RULES:
             _floating_only(args, kwargs)
         if rule is None:
             return super().call_method(target, args, kwargs)
@@ -220,8 +216,8 @@ class _MetaShapes(fx.Interpreter):
     def call_module(self, target, args, kwargs):
         module = self.fetch_attr(target)
         kind = type(module)
-        if not kind.__module__.startswith("torch.nn.") or not _no_hooks(module):
-            raise _Unsupported  # a user leaf module: its forward may read values or keep state
+        if not kind.__module__.startswith("torch.nn.") or not runs_class_forward(module):
+            raise _Unsupported  # a user leaf module, or code of its own around or in place of the forward
         own = [*module._parameters.values(), *module._buffers.values()]
         _dtypes_one((*args, *own), kwargs)
         _floating_only(args, kwargs)

@@ -22,6 +22,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .module_calls import global_hooks_set, runs_class_forward
+
 
 def _timm_batch_norm_act(m: torch.nn.Module, x):
     """timm.layers.BatchNormAct2d.forward in eval mode, less its shape assertion."""
@@ -64,20 +66,12 @@ class Shortcuts:
     """The shortcuts of one trace (the table is read once, when tracing starts)."""
 
     def __init__(self):
-        self.forms = {} if _global_hooks() else _shortcuts()
+        self.forms = {} if global_hooks_set() else _shortcuts()
 
     def forward_for(self, m: torch.nn.Module) -> Callable | None:
         """A forward to trace in place of `m`'s own, or None to trace `m` as it is."""
         form = self.forms.get(type(m).forward) if self.forms else None
-        if form is None or "forward" in m.__dict__ or m.training or m._forward_hooks or m._forward_pre_hooks \
-                or m._backward_hooks or m._backward_pre_hooks:  # a forward set on the instance is what runs
+        if form is None or m.training or not runs_class_forward(m):
             return None
         return lambda *args, **kwargs: form(m, *args, **kwargs)
 
-
-def _global_hooks() -> bool:
-    from torch.nn.modules import module as module_impl
-
-    return any(getattr(module_impl, name, None) for name in (
-        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-        "_global_backward_pre_hooks"))

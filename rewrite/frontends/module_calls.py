@@ -1,0 +1,25 @@
+"""Whether calling a module runs its class's own forward and nothing else.
+
+Shortcuts that stand in for a module call (the tracing shortcuts, the meta shape pass's direct answers)
+are only sound then: a hook (the module's own or a global one) runs code of its own around the call, and
+a forward set on the instance (an adapter's injection, a test's patch) replaces the class's.
+"""
+from __future__ import annotations
+
+import torch
+from torch.nn.modules import module as module_globals
+
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+_OWN_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def global_hooks_set() -> bool:
+    """Is a hook registered for every module (torch.nn.modules.module.register_module_forward_hook, ...)?"""
+    return any(getattr(module_globals, name, None) for name in _GLOBAL_HOOKS)
+
+
+def runs_class_forward(module: torch.nn.Module) -> bool:
+    """Does calling `module` run `type(module).forward` and nothing else?"""
+    return "forward" not in module.__dict__ and not any(getattr(module, name, None) for name in _OWN_HOOKS) \
+        and not global_hooks_set()
