@@ -11,6 +11,7 @@ import torch.fx as fx
 from torch.fx.proxy import Scope
 
 from ..errors import TraceError
+from .fx_internals import shortcuts_valid
 from .trace_shortcuts import Shortcuts
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -79,6 +80,7 @@ class _Tracer(fx.Tracer):
     def __init__(self, leaf_modules: Iterable[type | str] = (), shortcuts: bool = True):
         super().__init__()
         self.shortcuts = Shortcuts() if shortcuts else None
+        self.known_internals = shortcuts_valid()  # fx's code is the code the dict path below was read from
         self.extra_leaves = tuple(leaf_modules)
         self.module_stack = _ModuleStack()
         self.scope = _Scope("", None)
@@ -102,6 +104,11 @@ class _Tracer(fx.Tracer):
             return tuple([self.create_arg(item) for item in a])
         if kind is list:
             return [self.create_arg(item) for item in a]
+        # A call's kwargs, a plain dict keyed by names: fx's generic path (the parameter, tensor, module and
+        # constant checks, none of which a dict passes) ends in converting each value. The keys are checked
+        # first, as converting a value can record a node: any other key takes fx's path from the start.
+        if kind is dict and self.known_internals and all(type(k) is str for k in a):
+            return {k: self.create_arg(v) for k, v in a.items()}
         # torch.fx finds a parameter or buffer argument by scanning all of them, once per argument:
         # quadratic on models that hand their parameters to functions (timm's BatchNormAct2d). Same
         # answer (the first name of that tensor), looked up instead.

@@ -20,16 +20,39 @@ import sys
 from typing import Callable
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
+from torch.overrides import _is_torch_function_mode_enabled
 
+from . import fx_internals
 from .module_calls import global_hooks_set, runs_class_forward
+
+# The objects whose source fx_internals checked: a later patch of either takes the general path.
+_BATCH_NORM = F.batch_norm
+_PROXY_TORCH_FUNCTION = fx.Proxy.__dict__["__torch_function__"]
+
+
+def _batch_norm(x, mean, var, weight, bias, training, momentum, eps):
+    """F.batch_norm(x, mean, var, weight, bias, training, momentum, eps), recorded directly when the
+    torch-function dispatch would only reach fx.Proxy's handler (every tensor operand a plain Proxy of one
+    tracer, no torch-function mode): that handler records this call, under this name."""
+    operands = (x, mean, var, weight, bias)
+    if type(x) is fx.Proxy and all(o is None or (type(o) is fx.Proxy and o.tracer is x.tracer) for o in operands) \
+            and F.batch_norm is _BATCH_NORM and fx.Proxy.__dict__.get("__torch_function__") is _PROXY_TORCH_FUNCTION \
+            and torch._C._is_torch_function_enabled() and not _is_torch_function_mode_enabled() \
+            and fx_internals.shortcuts_valid():
+        tracer = x.tracer
+        return tracer.create_proxy("call_function", _BATCH_NORM, (x, mean, var),
+                                   {"weight": weight, "bias": bias, "training": training, "momentum": momentum,
+                                    "eps": eps}, name=tracer.graph._target_to_str(_BATCH_NORM.__name__))
+    return F.batch_norm(x, mean, var, weight, bias, training, momentum, eps)
 
 
 def _timm_batch_norm_act(m: torch.nn.Module, x):
     """timm.layers.BatchNormAct2d.forward in eval mode, less its shape assertion."""
     factor = 0.0 if m.momentum is None else m.momentum
     bn_training = (m.running_mean is None) and (m.running_var is None)
-    x = F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, bn_training, factor, m.eps)
+    x = _batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, bn_training, factor, m.eps)
     x = m.drop(x)
     return m.act(x)
 
