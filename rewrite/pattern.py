@@ -18,9 +18,16 @@ from .ir import Graph, Node, Value, op_def
 
 Bindings = dict[str, Any]
 
+# The kind-only check before a full match (could_match_node); tests turn it off for a reference run.
+PREFILTER = True
+
 
 class Pattern:
     name: str | None = None
+
+    def could_match_value(self, value: Value) -> bool:
+        """A cheap necessary condition for match_value (kinds only, no predicates): False means no match."""
+        return True
 
     def match_value(self, value: Value, bindings: Bindings, nodes: list[Node]) -> Iterator[tuple[Bindings, list[Node]]]:
         raise NotImplementedError
@@ -58,6 +65,10 @@ class ConstPattern(Pattern):
     name: str | None = None
     where: Callable[[Any], bool] | None = None
     capture_node: bool = False
+
+    def could_match_value(self, value):
+        producer = value.producer
+        return producer is not None and producer.kind == "constant"
 
     def match_value(self, value, bindings, nodes):
         producer = value.producer
@@ -98,6 +109,24 @@ class OpPattern(Pattern):
             elif actual != expected:
                 return False
         return self.where is None or self.where(node)
+
+    def could_match_node(self, node: Node) -> bool:
+        """A necessary condition for match_node checking only kinds and arities down the tree, so most
+        nodes are turned away without the generators, bindings and predicates of a full match. It calls
+        no `where` and reads no attribute: it skips only work that would have yielded nothing."""
+        if node.kind not in self.kinds:
+            return False
+        if self.inputs is None:
+            return True
+        if len(node.inputs) != len(self.inputs):
+            return False
+        if self.commutative:  # any order may match: leave the operands to the full match
+            return True
+        return all(p.could_match_value(v) for p, v in zip(self.inputs, node.inputs))
+
+    def could_match_value(self, value):
+        node = value.producer
+        return node is not None and value.index == self.output_index and self.could_match_node(node)
 
     def match_value(self, value, bindings, nodes):
         node = value.producer
@@ -192,6 +221,8 @@ def match(pattern: OpPattern, node: Node) -> Iterator[Match]:
     the driver refuses such a match unless the rule allows it, since rewriting it would make
     another path lose its input.
     """
+    if PREFILTER and not pattern.could_match_node(node):
+        return
     for bindings, nodes in pattern.match_node(node, {}, []):
         yield Match(node, bindings, nodes, external_readers(node.graph, nodes))
 

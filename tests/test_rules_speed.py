@@ -1,0 +1,86 @@
+"""The kind-only prefilter before a full pattern match (pattern.could_match_node) changes nothing:
+rewritten models, their state_dicts and reports are the same with it on and off."""
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+import torch.nn as nn
+
+import rewrite
+from rewrite import pattern
+from rewrite.pattern import P, match
+from rewrite.testing import randomize_bn
+
+timm = pytest.importorskip("timm")
+torchvision = pytest.importorskip("torchvision")
+
+
+def _digest(module: nn.Module, x: torch.Tensor) -> tuple[str, str]:
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().contiguous().cpu().numpy().tobytes())
+    with torch.no_grad():
+        out = module(x)
+    return h.hexdigest(), hashlib.sha256(out.detach().contiguous().numpy().tobytes()).hexdigest()
+
+
+def _run(model, passes, x, prefilter: bool, monkeypatch):
+    monkeypatch.setattr(pattern, "PREFILTER", prefilter)
+    new, report = rewrite.apply(model, passes, return_report=True)
+    return _digest(new, x), str(report)
+
+
+@pytest.mark.parametrize("name,passes", [
+    ("mobileone_s0", ["fold_bn", "fuse_branches"]),
+    ("repvgg_a0", ["fuse_branches"]),
+    ("repghostnet_100", ["fold_bn", "fuse_branches"]),
+    ("resnet18", ["fold_bn"]),
+    ("resnet50", ["fold_bn", "remove_residual"]),
+])
+def test_prefilter_leaves_results_bit_identical(name, passes, monkeypatch):
+    torch.manual_seed(0)
+    make = getattr(torchvision.models, name, None) or (lambda: timm.create_model(name))
+    model = randomize_bn(make().eval(), seed=0)
+    x = torch.randn(2, 3, 64, 64)
+    fast = _run(model, passes, x, True, monkeypatch)
+    reference = _run(model, passes, x, False, monkeypatch)
+    assert fast == reference
+    assert "fold_bn" not in passes or fast[0][0] != _digest(model, x)[0]  # something was rewritten
+
+
+def _toy_graph():
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return torch.relu(self.bn(self.conv(x))) + x.mean()
+
+    return Toy().eval()
+
+
+@pytest.mark.parametrize("pat,expected", [
+    (P.op("batch_norm", P.op("conv", P.any("x"), name="c"), name="bn"), True),
+    (P.op("batch_norm", P.op("linear", P.any("x")), name="bn"), False),
+    (P.op("relu", P.op("batch_norm", P.any())), False),  # rooted at a batch_norm, not a relu
+])
+def test_could_match_node_agrees_with_match(pat, expected):
+    """The prefilter turns a node away only where the full match finds nothing."""
+    from rewrite.frontends.fx import import_module
+
+    graph = import_module(_toy_graph(), (torch.randn(1, 3, 8, 8),))
+    assert any(node.kind == "batch_norm" for node in graph.nodes)
+    turned_away = 0
+    for node in list(graph.nodes):
+        full = any(True for _ in pattern.OpPattern.match_node(pat, node, {}, []))
+        assert pat.could_match_node(node) or not full
+        turned_away += not pat.could_match_node(node)
+        if node.kind == "batch_norm":
+            assert full is expected
+            assert bool(list(match(pat, node))) is expected
+    assert turned_away  # the prefilter did turn nodes away (the conv, the mean, ...)
