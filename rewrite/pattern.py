@@ -67,6 +67,8 @@ class ConstPattern(Pattern):
     capture_node: bool = False
 
     def could_match_value(self, value):
+        if type(self) is not ConstPattern:  # a subclass may match otherwise: leave it to its full match
+            return True
         producer = value.producer
         return producer is not None and producer.kind == "constant"
 
@@ -114,6 +116,8 @@ class OpPattern(Pattern):
         """A necessary condition for match_node checking only kinds and arities down the tree, so most
         nodes are turned away without the generators, bindings and predicates of a full match. It calls
         no `where` and reads no attribute: it skips only work that would have yielded nothing."""
+        if type(self) is not OpPattern:  # a subclass may match otherwise: leave it to its full match
+            return True
         if node.kind not in self.kinds:
             return False
         if self.inputs is None:

@@ -84,3 +84,23 @@ def test_could_match_node_agrees_with_match(pat, expected):
             assert full is expected
             assert bool(list(match(pat, node))) is expected
     assert turned_away  # the prefilter did turn nodes away (the conv, the mean, ...)
+
+
+def test_a_pattern_subclass_keeps_its_own_matching():
+    """A user's OpPattern / ConstPattern subclass may match other kinds than its fields say: the
+    prefilter, which reads only those fields, must not turn its nodes away."""
+    from rewrite.frontends.fx import import_module
+
+    class AnyNormalization(pattern.OpPattern):
+        def check_node(self, node):
+            return node.kind in ("batch_norm", "layer_norm")
+
+    class ParamAsConst(pattern.ConstPattern):
+        def match_value(self, value, bindings, nodes):
+            yield bindings, nodes  # any operand, constant or not
+
+    graph = import_module(_toy_graph(), (torch.randn(1, 3, 8, 8),))
+    bn = next(node for node in graph.nodes if node.kind == "batch_norm")
+    assert list(match(AnyNormalization("layer_norm", (pattern.AnyPattern(),)), bn))
+    relu = next(node for node in graph.nodes if node.kind == "relu")
+    assert list(match(P.op("relu", ParamAsConst()), relu))
