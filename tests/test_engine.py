@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given, settings, strategies as st
 
 import rewrite
 from rewrite import P, PassError, rule
@@ -147,3 +148,41 @@ def test_unknown_calls_stay_opaque_and_round_trip():
     out = rewrite.apply(model, ["fold_bn", "cleanup"])
     ref, got = model(x), out(x)
     assert torch.equal(ref[0], got[0]) and ref[1] == got[1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 10**6), max_size=3), min_size=1, max_size=25), st.randoms())
+def test_topological_sort_with_and_without_the_in_order_shortcut(edges, rnd):
+    """A random DAG appended in a random order: the sort gives the same order whether the graph was
+    already in order (the shortcut returns at once) or not (the full stable sort), and a sorted graph
+    sorts to itself."""
+    def build(shuffled: bool):
+        g = Graph()
+        x = g.add_input("x")
+        nodes = [Node("add" if ins else "relu", f"n{i}", [x] if not ins else [x, x]) for i, ins in enumerate(edges)]
+        order = list(range(len(nodes)))
+        if shuffled:
+            rnd.shuffle(order)
+        for i in order:
+            g.append(nodes[i])
+        for i, ins in enumerate(edges):  # inputs only from earlier nodes: a DAG
+            for slot, j in enumerate(ins[:2]):
+                if i:
+                    nodes[i].set_input(slot, nodes[j % i].output)
+        g.outputs = [nodes[-1].output]
+        return g
+
+    in_order = build(False)
+    assert in_order._in_order()
+    before = [n.name for n in in_order.nodes]
+    in_order.topological_sort()
+    assert [n.name for n in in_order.nodes] == before
+    full = build(False)
+    full._in_order = lambda: False  # the full sort on the same graph: the same order
+    full.topological_sort()
+    assert [n.name for n in full.nodes] == before
+    shuffled = build(True)
+    shuffled.topological_sort()
+    position = {n: k for k, n in enumerate(shuffled.nodes)}
+    assert shuffled._in_order()
+    assert all(position[v.producer] < position[n] for n in shuffled.nodes for v in n.inputs if v.producer)

@@ -256,6 +256,8 @@ class Graph:
 
     def topological_sort(self) -> None:
         """Restore a topological order; stable, so nodes already in order keep it. O(nodes)."""
+        if self._in_order():
+            return  # the common case (every pass sorts on entry and exit): nothing to rebuild
         ordered: dict[Node, None] = {}
         visiting: set[Node] = set()
         for root in self._nodes:
@@ -277,6 +279,17 @@ class Graph:
                     if producer is not None and producer not in ordered and producer.graph is self:
                         stack.append((producer, False))
         self._nodes = ordered
+
+    def _in_order(self) -> bool:
+        """Does every node come after the producers of its inputs? (Then the sort would keep the order.)"""
+        placed: set[Node] = set()
+        for node in self._nodes:
+            for value in node.inputs:
+                producer = value.producer
+                if producer is not None and producer.graph is self and producer not in placed:
+                    return False
+            placed.add(node)
+        return True
 
     def __repr__(self) -> str:
         lines = [f"graph({', '.join(map(repr, self.inputs))}):"]
