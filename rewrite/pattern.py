@@ -118,7 +118,8 @@ class OpPattern(Pattern):
         no `where` and reads no attribute: it skips only work that would have yielded nothing."""
         if type(self) is not OpPattern:  # a subclass may match otherwise: leave it to its full match
             return True
-        if node.kind not in self.kinds:
+        kind = self.kind
+        if (node.kind != kind) if type(kind) is str else (node.kind not in kind):
             return False
         if self.inputs is None:
             return True
