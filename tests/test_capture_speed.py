@@ -81,7 +81,7 @@ def test_batch_norm_under_a_torch_function_mode_goes_through_the_mode():
             seen.append(func)
             return func(*args, **(kwargs or {}))
 
-    model = _model("timm", "repvgg_a0")
+    model = _model("timm", "efficientnet_b0")  # its norm layers apply SiLU: traced through F.batch_norm
     with Mode():
         graph = trace(model)
     assert torch.nn.functional.batch_norm in seen  # the direct record would skip the mode

@@ -1,4 +1,5 @@
-"""Tracing with shortcuts (rewrite/frontends/trace_shortcuts.py) records the full trace less its assertions."""
+"""Tracing with shortcuts (rewrite/frontends/trace_shortcuts.py) records the full trace less its assertions, and a
+norm layer that computes only a batch norm as one call of it."""
 import operator
 
 import pytest
@@ -8,6 +9,7 @@ import torch.fx as fx
 from rewrite.frontends.fx_import import _assertion_only
 from rewrite.frontends.fx_trace import trace
 from rewrite.frontends.trace_shortcuts import Shortcuts
+from rewrite.testing import randomize_bn
 
 timm = pytest.importorskip("timm")
 
@@ -27,17 +29,87 @@ def _dead_assertion_feeders(graph: fx.Graph) -> set:
     return dropped | {n for n in graph.nodes if not n.users and n.op == "call_function" and n.target is getattr}
 
 
+def _ir(graph) -> list[tuple]:
+    """The imported IR, names and identities aside: each node's kind, attributes, parameters (their bytes) and
+    producers."""
+    index = {}
+    rows = []
+    for node in graph.nodes:
+        if node.kind == "identity":  # an nn.Identity call (the full trace records a norm layer's drop and act)
+            index[id(node.output)] = index.get(id(node.inputs[0]), node.inputs[0].name)
+            continue
+        index[id(node.output)] = len(rows)
+        rows.append((node.kind, repr(sorted(node.attrs.items())), sorted((k, _value(v)) for k, v in node.params.items()),
+                     [index.get(id(v), v.name) for v in node.inputs]))
+    return rows
+
+
+def _value(t) -> tuple:
+    if not isinstance(t, torch.Tensor):
+        return (repr(t),)
+    return t.dtype, tuple(t.shape), t.detach().reshape(-1).contiguous().view(torch.uint8).tolist() if t.numel() else ()
+
+
+def _without_leaves(monkeypatch):
+    monkeypatch.setattr(Shortcuts, "is_leaf", lambda self, m: False)
+
+
 @pytest.mark.parametrize("name", ["mobileone_s0", "repvgg_a0", "efficientnet_b0", "repghostnet_050"])
-def test_shortcut_trace_is_the_full_trace_without_assertions(name):
+def test_shortcut_trace_is_the_full_trace_without_assertions(name, monkeypatch):
     torch.manual_seed(0)
     model = timm.create_model(name).eval()
     full = trace(model, shortcuts=False)
+    _without_leaves(monkeypatch)
     short = trace(model)
     asserts = sum(1 for n in full.nodes if n.target is torch._assert)
     assert asserts > 0  # the model has the assertions the shortcut leaves out
     assert not any(n.target is torch._assert for n in short.nodes)
     assert len(short.nodes) < len(full.nodes)
     assert _signature(short, set()) == _signature(full, _dead_assertion_feeders(full))
+
+
+@pytest.mark.parametrize("name", ["mobileone_s0", "repvgg_a0", "efficientnet_b0", "mobilenetv3_small_050", "fastvit_t8"])
+def test_a_norm_layer_without_activation_is_one_batch_norm_call(name, monkeypatch):
+    from rewrite.frontends.fx import import_captured
+
+    torch.manual_seed(0)
+    model = randomize_bn(timm.create_model(name).eval(), seed=0)
+    leafed = trace(model)
+    leaves = [n for n in leafed.nodes if n.op == "call_module" and type(model.get_submodule(n.target)).__name__
+              == "BatchNormAct2d"]
+    assert leaves and all(type(model.get_submodule(n.target).act) is torch.nn.Identity for n in leaves)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():  # the graph alone computes the model: calling such a layer is its batch norm
+        assert torch.equal(fx.GraphModule(model, leafed)(x), model(x))
+    with_leaves = import_captured(model, leafed, (), "m")
+    _without_leaves(monkeypatch)
+    traced = trace(model)
+    assert len(leafed.nodes) < len(traced.nodes) - 4 * len(leaves)
+    # the import reads each as the batch norm the full trace records: the same IR, node for node
+    assert _ir(with_leaves) == _ir(import_captured(model, traced, (), "m"))
+    labels = {n.label for n in with_leaves.nodes if n.kind == "batch_norm"}
+    assert {n.target for n in leaves} <= labels  # and reports name it by its module path
+
+
+def test_a_norm_layer_is_a_leaf_only_when_its_call_is_exactly_a_batch_norm():
+    from timm.layers import BatchNormAct2d
+
+    def leaf(m):
+        return Shortcuts().is_leaf(m)
+
+    plain = BatchNormAct2d(4, apply_act=False).eval()
+    assert leaf(plain)
+    assert not leaf(BatchNormAct2d(4).eval())  # applies ReLU
+    assert not leaf(BatchNormAct2d(4, apply_act=False).train())  # updates its statistics
+    assert not leaf(BatchNormAct2d(4, apply_act=False, drop_layer=torch.nn.Dropout).eval())
+    assert not leaf(BatchNormAct2d(4, apply_act=False, track_running_stats=False).eval())  # batch statistics
+    for hooked in (plain, plain.act, plain.drop):
+        handle = hooked.register_forward_hook(lambda *a: None)
+        assert not leaf(plain)
+        handle.remove()
+    assert leaf(plain)
+    plain.act = torch.nn.Sequential()
+    assert not leaf(plain)
 
 
 def test_no_shortcut_in_training_mode_or_with_hooks():

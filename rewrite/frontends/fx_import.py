@@ -21,6 +21,7 @@ from ..ir import Graph, Node, OpDefinitionError, Value, clamp_bound
 from .fx_forms import FxForms, bind_call, function_form, module_parts
 from .param_folding import pure_call
 from .scatter_forms import pad_per_channel
+from .trace_shortcuts import plain_batch_norm
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ def recognize_module(m: nn.Module, nargs: int):
                                                       m.dilation), {"weight": m.weight, "bias": m.bias}
     if _plain(m, nn.Linear):
         return "linear", {}, {"weight": m.weight, "bias": m.bias}
-    if _plain(m, *_BNS):
+    if _plain(m, *_BNS) or plain_batch_norm(m):
         attrs, params = bn_node_parts(m.running_mean, m.running_var, m.weight, m.bias,
                                       m.training or m.running_mean is None, m.momentum, m.eps)
         return "batch_norm", attrs, params

@@ -89,6 +89,8 @@ class _Tracer(fx.Tracer):
         for leaf in self.extra_leaves:
             if (isinstance(leaf, str) and leaf == qualname) or (isinstance(leaf, type) and isinstance(m, leaf)):
                 return True
+        if self.shortcuts is not None and self.shortcuts.is_leaf(m):
+            return True
         return super().is_leaf_module(m, qualname)
 
     def create_arg(self, a: Any):

@@ -28,6 +28,7 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
 from .module_calls import runs_class_forward
+from .trace_shortcuts import plain_batch_norm
 
 _PURE_MODULES = ("torch", "_operator", "operator", "math", "builtins")
 _BATCH_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
@@ -216,7 +217,9 @@ class _MetaShapes(fx.Interpreter):
     def call_module(self, target, args, kwargs):
         module = self.fetch_attr(target)
         kind = type(module)
-        if not kind.__module__.startswith("torch.nn.") or not runs_class_forward(module):
+        if plain_batch_norm(module):
+            kind = torch.nn.BatchNorm2d  # computes exactly that (its forward's _assert is BatchNorm2d's dim check)
+        elif not kind.__module__.startswith("torch.nn.") or not runs_class_forward(module):
             raise _Unsupported  # a user leaf module, or code of its own around or in place of the forward
         own = [*module._parameters.values(), *module._buffers.values()]
         _dtypes_one((*args, *own), kwargs)
