@@ -17,16 +17,34 @@ from .param_folding import fold_parameter_expressions
 from .scatter_forms import rewrite_scatters
 
 
-@contextmanager
-def preserved_buffers(module: torch.nn.Module):
-    """Run code that may update buffers (BN statistics in training mode) without changing `module`."""
-    saved = [(b, b.detach().clone()) for b in module.buffers()]
-    try:
-        yield
-    finally:
+class _BufferGuard:
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.saved: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def arm(self) -> None:
+        """Copy every buffer now (once): code that may write one is about to run."""
+        if self.saved is None:
+            self.saved = [(b, b.detach().clone()) for b in self.module.buffers()]
+
+    def restore(self) -> None:
         with torch.no_grad():
-            for buffer, copy in saved:
+            for buffer, copy in self.saved or ():
                 buffer.copy_(copy)
+
+
+@contextmanager
+def preserved_buffers(module: torch.nn.Module, lazy: bool = False):
+    """Run code that may update buffers (BN statistics in training mode) without changing `module`.
+
+    lazy: the buffers are copied only at the guard's first `arm()` (most imports run no code at all)."""
+    guard = _BufferGuard(module)
+    if not lazy:
+        guard.arm()
+    try:
+        yield guard
+    finally:
+        guard.restore()
 
 
 class TensorShape(NamedTuple):
@@ -92,8 +110,8 @@ def import_captured(root: torch.nn.Module, fx_graph: fx.Graph, inputs: tuple, mo
         _record_shapes(module, gm, inputs, model_name)
     folded = {}
     if fold:
-        with preserved_buffers(module):
-            folded = fold_parameter_expressions(module, fx_graph)
+        with preserved_buffers(module, lazy=True) as guard:
+            folded = fold_parameter_expressions(module, fx_graph, before_call=guard.arm)
     rewrite_scatters(fx_graph, folded)
     return FxImporter(module, fx_graph, folded).run()
 

@@ -95,20 +95,6 @@ def pool_attrs(kernel_size, stride, padding, dims: int, **extra) -> dict:
 
 
 # -- module recognizers: (module) -> (kind, attrs, params) or None ------------------------------
-def _plain(m: nn.Module, *classes: type) -> bool:
-    """An instance of one of `classes` whose forward is the stock one (not a custom subclass, not a forward
-    set on the instance or patched on the class)."""
-    cls = type(m)
-    return "forward" not in m.__dict__ and _plain_type(cls, cls.forward, classes)
-
-
-@functools.lru_cache(maxsize=4096)
-def _plain_type(cls: type, forward, classes: tuple[type, ...]) -> bool:
-    # Decided once per module class and forward (a class patched later is asked anew): the import asks
-    # about every module call, up to 30 times each.
-    return any(issubclass(cls, c) and forward is c.forward for c in classes)
-
-
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_TS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -116,62 +102,81 @@ _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropo
 _MAXPOOLS = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
 _AVGPOOLS = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
 _ADAPTIVE = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}
+_PAD_MODULES = {nn.ZeroPad1d: "constant", nn.ZeroPad2d: "constant", nn.ZeroPad3d: "constant",
+                nn.ConstantPad1d: "constant", nn.ConstantPad2d: "constant", nn.ConstantPad3d: "constant",
+                nn.ReflectionPad1d: "reflect", nn.ReflectionPad2d: "reflect", nn.ReflectionPad3d: "reflect",
+                nn.ReplicationPad1d: "replicate", nn.ReplicationPad2d: "replicate", nn.ReplicationPad3d: "replicate"}
+# Every stock class the import reads, in the order it asks about them (ReLU6 before Hardtanh, whose forward it runs)
+_FAMILIES = (*_CONVS, *_CONV_TS, nn.Linear, *_BNS, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Identity, *_DROPOUTS,
+             nn.Flatten, *_MAXPOOLS, *_AVGPOOLS, *_ADAPTIVE, *_PAD_MODULES)
+_STOCK_FORWARDS = {c: c.forward for c in _FAMILIES}  # as torch defines them: a class patched later is not stock
+
+
+def _family(m: nn.Module) -> type | None:
+    """The first of _FAMILIES whose stock forward calling `m` runs (the class itself, or a subclass that does
+    not override forward); None for anything else, or a forward set on the instance or patched on the class."""
+    if "forward" in m.__dict__:
+        return None
+    cls = type(m)
+    return _family_of(cls, cls.forward)
+
+
+@functools.lru_cache(maxsize=4096)
+def _family_of(cls: type, forward) -> type | None:
+    # Decided once per module class and forward (a class patched later is asked anew): the import asks
+    # about every module call.
+    return next((c for c in _FAMILIES if issubclass(cls, c) and forward is _STOCK_FORWARDS[c]), None)
 
 
 def recognize_module(m: nn.Module, nargs: int):
     if nargs != 1:
         return None
-    if _plain(m, *_CONVS):
+    family = _family(m)
+    if family in _CONVS:
         return "conv", conv_attrs(m.weight, m.stride, m.padding, m.dilation, m.groups, m.padding_mode), \
             {"weight": m.weight, "bias": m.bias}
-    if _plain(m, *_CONV_TS) and m.padding_mode == "zeros":
+    if family in _CONV_TS:
+        if m.padding_mode != "zeros":
+            return None
         return "conv_transpose", conv_transpose_attrs(m.weight, m.stride, m.padding, m.output_padding, m.groups,
                                                       m.dilation), {"weight": m.weight, "bias": m.bias}
-    if _plain(m, nn.Linear):
+    if family is nn.Linear:
         return "linear", {}, {"weight": m.weight, "bias": m.bias}
-    if _plain(m, *_BNS) or plain_batch_norm(m):
+    if family in _BNS or (family is None and plain_batch_norm(m)):
         attrs, params = bn_node_parts(m.running_mean, m.running_var, m.weight, m.bias,
                                       m.training or m.running_mean is None, m.momentum, m.eps)
         return "batch_norm", attrs, params
-    if _plain(m, nn.ReLU):
+    if family is nn.ReLU:
         return "relu", {}, {}
-    if _plain(m, nn.ReLU6):
+    if family is nn.ReLU6:
         return "clamp", {}, {"min": clamp_bound(0.0), "max": clamp_bound(6.0)}
-    if _plain(m, nn.Hardtanh):
+    if family is nn.Hardtanh:
         return "clamp", {}, {"min": clamp_bound(m.min_val), "max": clamp_bound(m.max_val)}
-    if _plain(m, nn.Identity):
+    if family is nn.Identity:
         return "identity", {}, {}
-    if _plain(m, *_DROPOUTS):
+    if family in _DROPOUTS:
         return "dropout", {"p": m.p, "training": m.training}, {}
-    if _plain(m, nn.Flatten):
+    if family is nn.Flatten:
         return "flatten", {"start_dim": m.start_dim, "end_dim": m.end_dim}, {}
-    for cls, dims in _MAXPOOLS.items():
-        if _plain(m, cls) and not m.return_indices:
-            return "max_pool", pool_attrs(m.kernel_size, m.stride, m.padding, dims,
-                                          dilation=_tuple(m.dilation, dims), ceil_mode=m.ceil_mode), {}
-    for cls, dims in _AVGPOOLS.items():
-        if _plain(m, cls):
-            return "avg_pool", pool_attrs(m.kernel_size, m.stride, m.padding, dims, ceil_mode=m.ceil_mode,
-                                          count_include_pad=m.count_include_pad,
-                                          divisor_override=getattr(m, "divisor_override", None)), {}
-    for cls, dims in _ADAPTIVE.items():
-        if _plain(m, cls):
-            return "adaptive_avg_pool", {"output_size": _tuple(m.output_size, dims)}, {}
+    if family in _MAXPOOLS:
+        if m.return_indices:
+            return None
+        dims = _MAXPOOLS[family]
+        return "max_pool", pool_attrs(m.kernel_size, m.stride, m.padding, dims,
+                                      dilation=_tuple(m.dilation, dims), ceil_mode=m.ceil_mode), {}
+    if family in _AVGPOOLS:
+        return "avg_pool", pool_attrs(m.kernel_size, m.stride, m.padding, _AVGPOOLS[family], ceil_mode=m.ceil_mode,
+                                      count_include_pad=m.count_include_pad,
+                                      divisor_override=getattr(m, "divisor_override", None)), {}
+    if family in _ADAPTIVE:
+        return "adaptive_avg_pool", {"output_size": _tuple(m.output_size, _ADAPTIVE[family])}, {}
     return None
-
-
-_PAD_MODULES = {nn.ZeroPad1d: "constant", nn.ZeroPad2d: "constant", nn.ZeroPad3d: "constant",
-                nn.ConstantPad1d: "constant", nn.ConstantPad2d: "constant", nn.ConstantPad3d: "constant",
-                nn.ReflectionPad1d: "reflect", nn.ReflectionPad2d: "reflect", nn.ReflectionPad3d: "reflect",
-                nn.ReplicationPad1d: "replicate", nn.ReplicationPad2d: "replicate", nn.ReplicationPad3d: "replicate"}
 
 
 def pad_module_args(m: nn.Module):
     """(pad list, mode, value) of a stock padding module, as F.pad takes them; None for anything else."""
-    for cls, mode in _PAD_MODULES.items():
-        if _plain(m, cls):
-            return list(m.padding), mode, getattr(m, "value", 0.0)
-    return None
+    mode = _PAD_MODULES.get(_family(m))
+    return None if mode is None else (list(m.padding), mode, getattr(m, "value", 0.0))
 
 
 # -- function recognizers: signature stand-ins bind args the way torch does ----------------------

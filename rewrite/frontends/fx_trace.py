@@ -139,13 +139,7 @@ class _Tracer(fx.Tracer):
     def _tensor_names(self) -> tuple[dict[int, str], dict[int, str]]:
         cached = getattr(self, "_names_cache", None)
         if cached is None or cached[0] is not self.root:
-            params: dict[int, str] = {}
-            buffers: dict[int, str] = {}
-            for n, p in self.root.named_parameters():
-                params.setdefault(id(p), n)
-            for n, b in self.root.named_buffers():
-                buffers.setdefault(id(b), n)
-            cached = self._names_cache = (self.root, (params, buffers))
+            cached = self._names_cache = (self.root, _ModuleWalk(self.root).names())
         return cached[1]
 
     def call_module(self, m, forward, args, kwargs):
@@ -167,8 +161,9 @@ def trace(module: torch.nn.Module, concrete_args: dict[str, Any] | None = None,
 
     shortcuts: trace known library forwards without their shape assertions (trace_shortcuts.py)."""
     tracer = _Tracer(leaf_modules, shortcuts)
-    saved = _container_state(module)
-    buffers = [(name, b, b._version, b.clone()) for name, b in module.named_buffers() if not b.is_meta]
+    walk = _ModuleWalk(module)
+    tracer._names_cache = (module, walk.names())
+    saved, buffers = walk.containers, walk.buffer_copies()
     try:
         graph = tracer.trace(module, concrete_args=concrete_args)
     except Exception as exc:
@@ -200,20 +195,39 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 _MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
 
 
-def _container_state(module: torch.nn.Module) -> list[tuple[Any, list]]:
-    """The contents of every plain dict / list a module keeps in its own attributes. A forward that
-    caches into one (timm LeViT's attention-bias cache in eval mode) would keep fx proxies there,
-    changing the user's model, and break its next run."""
-    saved = []
-    for m in module.modules():
-        for name, value in vars(m).items():
-            if name in _MODULE_INTERNALS:
-                continue
-            if type(value) in (dict, OrderedDict):
-                saved.append((value, list(value.items())))
-            elif type(value) is list:
-                saved.append((value, list(value)))
-    return saved
+class _ModuleWalk:
+    """One walk of the module tree for what tracing needs of it (each walk of a timm model's ~1,300 modules
+    costs about a millisecond): the first name of every parameter and buffer, as named_parameters() /
+    named_buffers() give them, and the contents of every plain dict / list a module keeps in its own
+    attributes. A forward that caches into one (timm LeViT's attention-bias cache in eval mode) would keep fx
+    proxies there, changing the user's model, and break its next run."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.params: dict[int, str] = {}
+        self.buffers: dict[int, tuple[str, torch.Tensor]] = {}
+        self.containers: list[tuple[Any, list]] = []
+        for prefix, m in module.named_modules():
+            dot = prefix + "." if prefix else ""
+            for name, p in m._parameters.items():
+                if p is not None:
+                    self.params.setdefault(id(p), dot + name)
+            for name, b in m._buffers.items():
+                if b is not None and id(b) not in self.buffers:
+                    self.buffers[id(b)] = (dot + name, b)
+            for name, value in vars(m).items():
+                if name in _MODULE_INTERNALS:
+                    continue
+                if type(value) in (dict, OrderedDict):
+                    self.containers.append((value, list(value.items())))
+                elif type(value) is list:
+                    self.containers.append((value, list(value)))
+
+    def names(self) -> tuple[dict[int, str], dict[int, str]]:
+        return self.params, {key: name for key, (name, _) in self.buffers.items()}
+
+    def buffer_copies(self) -> list[tuple[str, torch.Tensor, int, torch.Tensor]]:
+        """(name, buffer, version, value) of every buffer, to find and undo what tracing writes."""
+        return [(name, b, b._version, b.clone()) for name, b in self.buffers.values() if not b.is_meta]
 
 
 def _restore(saved: list[tuple[Any, list]]) -> None:

@@ -12,6 +12,7 @@ than the tensors it reads (a broadcast to the batch) is left to be computed wher
 from __future__ import annotations
 
 import operator
+from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -131,10 +132,12 @@ def _continuous(node: fx.Node) -> bool:
     return name in _CONTINUOUS
 
 
-def fold_parameter_expressions(root: torch.nn.Module, graph: fx.Graph) -> dict[fx.Node, torch.Tensor]:
+def fold_parameter_expressions(root: torch.nn.Module, graph: fx.Graph,
+                               before_call: Callable[[], None] = lambda: None) -> dict[fx.Node, torch.Tensor]:
     """The computed tensors of `graph` that depend on no input, each as its value (the leaves read
     directly, get_attr nodes, are left out: they are parameters already). Only values some node not
-    folded reads are returned; the rest are intermediate steps of those."""
+    folded reads are returned; the rest are intermediate steps of those. `before_call` runs before the
+    first call of the model's code is evaluated."""
     native: dict[fx.Node, object] = {}
     wide: dict[fx.Node, object] = {}  # the same values computed from float64 leaves
 
@@ -163,6 +166,7 @@ def fold_parameter_expressions(root: torch.nn.Module, graph: fx.Graph) -> dict[f
         if not all(n in native for n in inputs):
             continue
         env_native = lambda n: native[n]  # noqa: E731
+        before_call()
         try:
             with torch.no_grad():
                 value = _call(node, fx.node.map_arg(node.args, env_native), fx.node.map_arg(node.kwargs, env_native))

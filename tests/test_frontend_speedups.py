@@ -1,0 +1,99 @@
+"""The import's one-lookup module recognition and its lazy buffer copy give what the long forms gave."""
+import types
+
+import pytest
+import torch
+import torch.nn as nn
+
+import rewrite
+from rewrite.frontends import fx as fx_frontend
+from rewrite.testing import randomize_bn
+from rewrite.frontends.fx_import import pad_module_args, recognize_module
+
+
+class _OwnForward(nn.Conv2d):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class _Inherited(nn.Conv2d):
+    pass
+
+
+@pytest.mark.parametrize("module,kind", [
+    (nn.Conv2d(3, 4, 3), "conv"), (_Inherited(3, 4, 3), "conv"), (_OwnForward(3, 4, 3), None),
+    (nn.ConvTranspose2d(3, 4, 3), "conv_transpose"), (nn.ConvTranspose2d(3, 4, 3, padding_mode="zeros"), "conv_transpose"),
+    (nn.Linear(3, 4), "linear"), (nn.BatchNorm1d(4), "batch_norm"), (nn.BatchNorm3d(4), "batch_norm"),
+    (nn.ReLU(), "relu"), (nn.ReLU6(), "clamp"), (nn.Hardtanh(-2.0, 3.0), "clamp"), (nn.Identity(), "identity"),
+    (nn.Dropout2d(0.1), "dropout"), (nn.Flatten(), "flatten"), (nn.MaxPool2d(2), "max_pool"),
+    (nn.MaxPool2d(2, return_indices=True), None), (nn.AvgPool1d(3), "avg_pool"), (nn.AdaptiveAvgPool3d(1),
+                                                                                  "adaptive_avg_pool"),
+    (nn.GELU(), None), (nn.Sequential(), None),
+])
+def test_each_stock_module_is_read_as_its_kind(module, kind):
+    found = recognize_module(module, 1)
+    assert (found and found[0]) == kind
+    assert recognize_module(module, 2) is None
+
+
+def test_relu6_and_hardtanh_bounds():
+    assert [float(recognize_module(nn.ReLU6(), 1)[2][k]) for k in ("min", "max")] == [0.0, 6.0]
+    assert [float(recognize_module(nn.Hardtanh(-2.0, 3.0), 1)[2][k]) for k in ("min", "max")] == [-2.0, 3.0]
+
+
+def test_a_forward_on_the_instance_or_a_later_patch_is_not_read_as_stock(monkeypatch):
+    conv = nn.Conv2d(3, 4, 3)
+    assert recognize_module(conv, 1)[0] == "conv"
+    conv.forward = types.MethodType(lambda self, x: x, conv)
+    assert recognize_module(conv, 1) is None
+    relu = nn.ReLU()
+    assert recognize_module(relu, 1)[0] == "relu"
+    monkeypatch.setattr(nn.ReLU, "forward", lambda self, x: x + 1)
+    assert recognize_module(relu, 1) is None
+
+
+def test_padding_modules():
+    assert pad_module_args(nn.ZeroPad2d((1, 2, 3, 4))) == ([1, 2, 3, 4], "constant", 0.0)
+    assert pad_module_args(nn.ConstantPad1d(2, 1.5)) == ([2, 2], "constant", 1.5)
+    assert pad_module_args(nn.ReflectionPad2d(1)) == ([1, 1, 1, 1], "reflect", 0.0)
+    assert pad_module_args(nn.ReplicationPad3d(1))[1] == "replicate"
+    assert pad_module_args(nn.Conv2d(1, 1, 1)) is None
+
+
+class _ScaledByBuffer(nn.Module):
+    """Forward computes a parameter expression (folded at import), beside a BN whose statistics it keeps."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, bias=False)
+        self.gain = nn.Parameter(torch.rand(4) + 0.5)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) * (self.gain * 2).reshape(1, -1, 1, 1)
+
+
+def _copies(monkeypatch) -> list:
+    armed = []
+    arm = fx_frontend._BufferGuard.arm
+
+    def counting(self):
+        armed.append(self.saved is None)
+        arm(self)
+    monkeypatch.setattr(fx_frontend._BufferGuard, "arm", counting)
+    return armed
+
+
+def test_the_buffers_are_copied_only_when_the_import_runs_model_code(monkeypatch):
+    armed = _copies(monkeypatch)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    rewrite.apply(plain, ["fold_bn"])
+    assert armed == []  # nothing to evaluate: no copy of the statistics
+    model = _ScaledByBuffer().eval()
+    randomize_bn(model, seed=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = rewrite.apply(model, ["fold_bn"])
+    assert armed and armed[0] is True and not any(armed[1:])  # copied once, before the first evaluation
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.allclose(out(x), model(x), rtol=1e-5, atol=1e-6)
