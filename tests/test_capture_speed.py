@@ -102,3 +102,55 @@ def test_kwargs_with_a_non_string_key_take_fx_path():
     with pytest.raises(RuntimeError):  # fx's own check refuses a proxy in a key
         t.create_arg({p: 1})
     assert t.create_arg({1: p}) == {1: p.node}
+
+
+class _OddArguments(torch.nn.Module):
+    def forward(self, x):
+        y = x.reshape(torch.Size([2, -1]))  # a torch.Size argument: not a plain tuple
+        return y[:, 1:3] + torch.add(y[:, ::2].sum(), 1, alpha=2)
+
+
+def test_node_creation_direct_and_through_fx(monkeypatch):
+    from torch.fx.proxy import TracerBase
+
+    calls = []
+    fx_path = TracerBase.create_node
+    assert fx_internals.shortcuts_valid()  # decided (and cached) before fx's function is wrapped below
+
+    def counted(self, *args, **kwargs):
+        calls.append(args[0])
+        return fx_path(self, *args, **kwargs)
+
+    monkeypatch.setattr(TracerBase, "create_node", counted)
+    model = _model("timm", "mobileone_s0")
+    fast = _trace_with(model, True)
+    assert calls == []  # every node of a timm model is created directly ...
+    assert len(_trace_with(model, False).nodes) == len(fast.nodes) == len(calls)  # ... or through fx's path
+    odd = _OddArguments()
+    assert _record(_trace_with(odd, True)) == _record(_trace_with(odd, False))
+    assert "call_method" in calls  # the reshape, with its torch.Size, took fx's path
+
+
+def test_a_debug_log_of_node_creation_takes_fx_path():
+    import logging
+
+    from torch.fx.proxy import log
+
+    model = _model("tv", "resnet18")
+    reference = _record(_trace_with(model, False))
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    level, handler = log.level, Keep()
+    log.setLevel(logging.DEBUG)
+    log.addHandler(handler)
+    try:
+        graph = _trace_with(model, True)
+    finally:
+        log.setLevel(level)
+        log.removeHandler(handler)
+    assert _record(graph) == reference
+    assert len([r for r in records if r.startswith("create_node")]) == len(graph.nodes)  # fx's log, node by node

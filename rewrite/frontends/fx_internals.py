@@ -1,7 +1,8 @@
 """Whether torch.fx's tracing internals are the ones the tracing shortcuts were written against.
 
 fx_trace.py and trace_shortcuts.py skip some of fx's generic steps (a kwargs dict's argument checks,
-the torch-function dispatch of a batch_norm call) by doing directly what those steps end in. That is
+the torch-function dispatch of a batch_norm call, node creation's scan of every argument for a raw SymInt)
+by doing directly what those steps end in. That is
 only the same when fx's code is the code they were read from (torch 2.14.1): every function a shortcut
 stands in for is hashed (its source text), once, and any other text (a newer torch) turns the
 shortcuts off, so that tracing takes fx's own path.
@@ -18,6 +19,8 @@ _KNOWN = {
     "torch.fx.proxy.TracerBase.create_arg": "a1970ce919ed89cc6ec03cacfc9a724b0d994caf49aa4300a50d935c1c071332",
     "torch.fx.proxy._create_arg_dict": "add45d37164ba403568425e58443b969ae065ee7e32f1d520ac61f43ade89334",
     "torch.fx.proxy.TracerBase.create_proxy": "e231173e48cff542f59b8f4900d9f7a82f569349520060ae6905cb175ceed944",
+    "torch.fx.proxy.TracerBase.create_node": "a31a10139c2eb3d8f6309cc525d249be94497f74a60458ecda8a725055266044",
+    "torch.fx.graph.Graph.create_node": "7e8353cfe5d2ae96d58d42a0ea32081f98b2dc6bc4983578b3843d66cae21583",
     "torch.fx.proxy.Proxy.__torch_function__": "ed43f38602b72f690d6be0112d934445256970ae5bfe1f45eb9c472a97ddeff2",
     "torch.nn.functional.batch_norm": "93fe25afd4268873d049006818a607eebb383e4c8a03a1d192c83b30eb7ad4cc",
     "torch.overrides.handle_torch_function": "62abf82304edc1d96d0de6c7ef6863ab036251c4affcda9c9ce0f0d003cbdf54",

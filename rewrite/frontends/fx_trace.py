@@ -1,6 +1,8 @@
 """Capture an nn.Module as a torch.fx graph, turning tracer failures into a clear TraceError."""
 from __future__ import annotations
 
+import copy
+import logging
 import os
 import traceback
 from collections import OrderedDict
@@ -8,7 +10,10 @@ from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
+import torch.fx.traceback as fx_traceback
+from torch.fx.immutable_collections import immutable_dict
 from torch.fx.proxy import Scope
+from torch.fx.proxy import log as _proxy_log
 
 from ..errors import TraceError
 from .fx_internals import shortcuts_valid
@@ -74,6 +79,20 @@ _PLAIN_VALUES = frozenset({int, float, bool, complex, str, type(None), type(...)
                            torch.memory_format, torch.layout})
 
 
+def _plain_arguments(a) -> bool:
+    """Only plain Python values and fx nodes, in tuples, lists, dicts and slices (so no SymInt)?"""
+    kind = type(a)
+    if kind in _PLAIN_VALUES or kind is fx.Node:
+        return True
+    if kind is tuple or kind is list:
+        return all(_plain_arguments(item) for item in a)
+    if kind is dict:
+        return all(_plain_arguments(item) for item in a.values())
+    if kind is slice:
+        return _plain_arguments(a.start) and _plain_arguments(a.stop) and _plain_arguments(a.step)
+    return False
+
+
 class _Tracer(fx.Tracer):
     """The default tracer, plus user leaf modules and a record of where a failure happened."""
 
@@ -84,6 +103,34 @@ class _Tracer(fx.Tracer):
         self.extra_leaves = tuple(leaf_modules)
         self.module_stack = _ModuleStack()
         self.scope = _Scope("", None)
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:
+        # fx's TracerBase.create_node and Graph.create_node, done directly for what a symbolic trace of a
+        # module records (no mutable-operation check, no preserved node meta or stack traces, no debug log,
+        # a graph of fx's own class without an owning module). Graph.create_node scans every node's
+        # arguments with pytree for a raw SymInt to warn about, a fifth of tracing: here the arguments are
+        # checked to hold only plain values and nodes (no SymInt among them), and anything else takes
+        # fx's path.
+        graph = self.graph
+        if not (self.known_internals and type(graph) is fx.Graph and graph.owning_module is None
+                and not self.check_mutable_operations and not self.record_stack_traces
+                and not fx_traceback.has_preserved_node_meta() and not _proxy_log.isEnabledFor(logging.DEBUG)
+                and type(args) is tuple and type(kwargs) is dict and _plain_arguments(args)
+                and _plain_arguments(tuple(kwargs.values()))):
+            return super().create_node(kind, target, args, kwargs, name, type_expr)
+        if not kwargs:
+            kwargs = immutable_dict()
+        candidate = name if name is not None else graph._target_to_str(target)
+        name = graph._graph_namespace.create_name(candidate, None)
+        node = fx.Node(graph, name, kind, target, args, kwargs, type_expr)
+        graph._graph_namespace.associate_name_with_obj(name, node)
+        graph._insert(node)
+        graph._find_nodes_lookup_table.insert(node)
+        graph._len += 1
+        self.node_name_to_scope[node.name] = (self.scope.module_path, self.scope.module_type)
+        if self.module_stack:
+            node.meta["nn_module_stack"] = copy.copy(self.module_stack)
+        return node
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         for leaf in self.extra_leaves:
