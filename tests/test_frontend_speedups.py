@@ -97,3 +97,44 @@ def test_the_buffers_are_copied_only_when_the_import_runs_model_code(monkeypatch
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     x = torch.randn(2, 3, 8, 8)
     assert torch.allclose(out(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def _same_copy(a: nn.Module, b: nn.Module, source: nn.Module) -> None:
+    sa, sb = a.state_dict(keep_vars=True), b.state_dict(keep_vars=True)
+    assert sa.keys() == sb.keys() == source.state_dict().keys()
+    for k, v in sa.items():
+        assert type(v) is type(sb[k]) and torch.equal(v, sb[k]) and v.requires_grad == sb[k].requires_grad
+        assert v.data_ptr() != source.state_dict(keep_vars=True)[k].data_ptr()  # copied, not shared
+    assert vars(a).keys() == vars(b).keys()
+
+
+@pytest.mark.parametrize("module", [nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(3, 2), nn.PReLU(), nn.ReLU()])
+def test_a_kept_module_is_copied_as_a_deep_copy_copies_it(module):
+    import copy
+
+    from rewrite.frontends.fx_emit import _clone
+
+    randomize_bn(nn.Sequential(module), seed=1)
+    memo = {}
+    clone = _clone(module, memo)
+    _same_copy(clone, copy.deepcopy(module), module)
+    assert _clone(module, memo) is clone  # installed at a second path: the same copy
+
+
+def test_copies_keep_tied_parameters_tied_and_a_hooked_module_takes_deepcopy():
+    from rewrite.frontends.fx_emit import _clone
+
+    first, second = nn.Linear(3, 3), nn.Linear(3, 3)
+    second.weight = first.weight
+    memo = {}
+    assert _clone(first, memo).weight is _clone(second, memo).weight
+
+    class Counting(nn.Conv2d):
+        def count(self, *args):
+            self.calls = getattr(self, "calls", 0) + 1
+
+    hooked = Counting(3, 4, 1)
+    hooked.register_forward_hook(hooked.count)
+    clone = _clone(hooked, {})
+    clone(torch.randn(1, 3, 2, 2))
+    assert clone.calls == 1 and not hasattr(hooked, "calls")  # the hook is the copy's own method
