@@ -133,8 +133,11 @@ def test_copies_keep_tied_parameters_tied_and_a_hooked_module_takes_deepcopy():
         def count(self, *args):
             self.calls = getattr(self, "calls", 0) + 1
 
-    hooked = Counting(3, 4, 1)
-    hooked.register_forward_hook(hooked.count)
-    clone = _clone(hooked, {})
-    clone(torch.randn(1, 3, 2, 2))
-    assert clone.calls == 1 and not hasattr(hooked, "calls")  # the hook is the copy's own method
+    class CountingReLU(nn.ReLU):
+        count = Counting.count
+
+    for hooked in (Counting(3, 4, 1), CountingReLU()):  # with and without parameters
+        hooked.register_forward_hook(hooked.count)
+        clone = _clone(hooked, {})
+        clone(torch.randn(1, 3, 2, 2))
+        assert clone.calls == 1 and not hasattr(hooked, "calls")  # the hook is the copy's own method

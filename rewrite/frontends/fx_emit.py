@@ -32,18 +32,18 @@ _ADAPTIVE = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_a
 
 
 def _clone(obj: Any, memo: dict) -> Any:
-    """A deep copy. A module with no children (ReLU, pooling, a conv kept as it was) is cloned directly:
-    same class, its own containers, parameters and buffers deep-copied through the shared memo (ties kept),
-    other attributes deep-copied; copy.deepcopy's generic reduce path costs far more per module and
-    dominated emission of long chains."""
+    """A deep copy. A module with no children and no hooks (ReLU, pooling, a conv kept as it was) is cloned
+    directly: same class, its own containers, parameters and buffers deep-copied through the shared memo
+    (ties kept), other attributes deep-copied; copy.deepcopy's generic reduce path costs far more per module
+    and dominated emission of long chains. A hooked module takes deepcopy, which rebinds a hook that is a
+    method of the module to the copy."""
     if id(obj) in memo:
         return memo[id(obj)]  # a module installed at two paths stays one module, as in a deep copy
-    if isinstance(obj, nn.Module) and not obj._modules and (not (obj._parameters or obj._buffers)
-                                                             or not _has_hooks(obj)):
+    if isinstance(obj, nn.Module) and not obj._modules and not _has_hooks(obj):
         clone = obj.__class__.__new__(obj.__class__)
         memo[id(obj)] = clone
         tensors = ("_parameters", "_buffers")
-        # Hook and state containers are copied one level (their entries are callables or flags).
+        # State containers (empty hook dicts, flags) are copied one level.
         clone.__dict__.update({k: type(v)((n, copy.deepcopy(t, memo)) for n, t in v.items()) if k in tensors
                                else v.copy() if isinstance(v, (dict, set)) else copy.deepcopy(v, memo)
                                for k, v in obj.__dict__.items()})
