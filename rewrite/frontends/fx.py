@@ -18,6 +18,8 @@ from .scatter_forms import rewrite_scatters
 
 
 class _BufferGuard:
+    """Copies of a module's buffers, taken when asked (`arm`), put back on `restore`."""
+
     def __init__(self, module: torch.nn.Module):
         self.module = module
         self.saved: list[tuple[torch.Tensor, torch.Tensor]] | None = None
