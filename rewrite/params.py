@@ -112,7 +112,78 @@ def _product_in_range(peak: float | None, factors: torch.Tensor, dtype: torch.dt
 
 
 def bn_affine(bn: Node) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (scale, shift) per channel of an inference-mode batch_norm, in float64."""
+    """The (scale, shift) per channel of an inference-mode batch_norm, in float64 (fresh tensors)."""
+    found = _graph_affines(bn)
+    if found is not None:
+        return found[0].clone(), found[1].clone()
+    return _bn_affine(bn)
+
+
+_STATS = ("running_var", "running_mean", "weight", "bias")
+_CACHE_KEY = "bn_affines"  # in graph.meta, which dispose() clears
+
+
+def _stats_key(bn: Node) -> tuple:
+    """What a BN's affine is computed from: each statistic's identity and version (an edit in place bumps it)."""
+    p = bn.params
+    return (_identity(p.get("running_var")), _identity(p.get("running_mean")), _identity(p.get("weight")),
+            _identity(p.get("bias")), float(bn.attrs["eps"]))
+
+
+def _identity(t: torch.Tensor | None) -> tuple | None:
+    return None if t is None else (id(t), t._version)
+
+
+def _graph_affines(bn: Node) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The affine of `bn` from its graph's batch of every BN's affine, computed at the first ask.
+
+    Ten small float64 ops a BN (four copies, sqrt, divide, multiply, subtract) cost about 40 us each time;
+    the same elementwise ops over every BN's statistics at once (concatenated, grouped so that each group
+    uses the same formula) give the same bits for a fraction of that. None when `bn` is not in the batch
+    (built later, or its statistics changed since): the caller computes it alone."""
+    graph = bn.graph
+    if graph is None:
+        return None
+    batch = graph.meta.get(_CACHE_KEY)
+    if batch is None:
+        batch = graph.meta[_CACHE_KEY] = _all_affines(graph)
+    entry = batch.get(bn)
+    if entry is None or entry[0] != _stats_key(bn):
+        return None
+    return entry[1], entry[2]
+
+
+def _all_affines(graph) -> dict:
+    groups: dict[tuple, list[Node]] = {}
+    for node in graph.nodes:
+        if node.kind != "batch_norm":
+            continue
+        stats = [node.params.get(k) for k in _STATS]
+        if stats[0] is None or stats[1] is None or any(t is not None and t.dim() != 1 for t in stats):
+            continue
+        signature = tuple(None if t is None else (t.dtype, t.device) for t in stats)
+        groups.setdefault(signature, []).append(node)
+    batch = {}
+    for signature, nodes in groups.items():
+        sizes = [n.params["running_var"].numel() for n in nodes]
+        if len(nodes) < 2 or any(n.params[k] is not None and n.params[k].numel() != c
+                                 for n, c in zip(nodes, sizes) for k in _STATS):
+            continue
+        with torch.no_grad():
+            var, mean, gamma, beta = (None if signature[i] is None else
+                                      torch.cat([n.params[k] for n in nodes]).to(device="cpu", dtype=torch.float64)
+                                      for i, k in enumerate(_STATS))
+            eps = torch.repeat_interleave(torch.tensor([float(n.attrs["eps"]) for n in nodes], dtype=torch.float64),
+                                          torch.tensor(sizes))
+            inv_std = 1.0 / torch.sqrt(var + eps)  # the formulas of _bn_affine, element for element
+            scale = inv_std if gamma is None else gamma * inv_std
+            shift = -mean * scale if beta is None else beta - mean * scale
+        for n, s, t in zip(nodes, scale.split(sizes), shift.split(sizes)):
+            batch[n] = (_stats_key(n), s, t)
+    return batch
+
+
+def _bn_affine(bn: Node) -> tuple[torch.Tensor, torch.Tensor]:
     var = f64(bn.params["running_var"])
     mean = f64(bn.params["running_mean"])
     inv_std = 1.0 / torch.sqrt(var + float(bn.attrs["eps"]))

@@ -2,6 +2,8 @@
 import types
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn as nn
 
@@ -141,3 +143,58 @@ def test_copies_keep_tied_parameters_tied_and_a_hooked_module_takes_deepcopy():
         clone = _clone(hooked, {})
         clone(torch.randn(1, 3, 2, 2))
         assert clone.calls == 1 and not hasattr(hooked, "calls")  # the hook is the copy's own method
+
+
+def _bits(t: torch.Tensor) -> list:
+    return t.view(torch.int64).tolist()  # float64: the sign of a zero counts too
+
+
+_bn_spec = st.tuples(st.integers(1, 9), st.sampled_from([1e-5, 1e-3, 0.1, 0.0]), st.booleans(), st.booleans(),
+                     st.sampled_from([torch.float32, torch.float64, torch.float16]), st.booleans())
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(_bn_spec, min_size=1, max_size=7), st.integers(0, 2**16))
+def test_batched_bn_affines_are_the_single_ones_bit_for_bit(specs, seed):
+    from rewrite.ir import Graph, Node
+    from rewrite.params import _bn_affine, bn_affine
+
+    g = torch.Generator().manual_seed(seed)
+    graph = Graph()
+    x = graph.add_input("x")
+    bns = []
+    for i, (channels, eps, has_gamma, has_beta, dtype, zero_mean) in enumerate(specs):
+        def vec(low, high):
+            return (torch.rand(channels, generator=g, dtype=torch.float64) * (high - low) + low).to(dtype)
+        params = {"running_mean": torch.zeros(channels, dtype=dtype) if zero_mean else vec(-2, 2),
+                  "running_var": vec(0.0, 3.0), "weight": vec(-2, 2) if has_gamma else None,
+                  "bias": vec(-1, 1) if has_beta else None}
+        node = Node("batch_norm", f"bn{i}", [x], attrs={"eps": eps}, params=params)
+        graph.append(node)
+        bns.append(node)
+    for node in bns:
+        scale, shift = bn_affine(node)
+        alone = _bn_affine(node)
+        assert _bits(scale) == _bits(alone[0]) and _bits(shift) == _bits(alone[1])
+        scale.mul_(3.0)  # the caller's own copy
+        assert _bits(bn_affine(node)[0]) == _bits(alone[0])
+    with torch.no_grad():
+        bns[0].params["running_var"].add_(1.0)  # edited in place: its affine is computed anew
+    assert _bits(bn_affine(bns[0])[0]) == _bits(_bn_affine(bns[0])[0])
+
+
+def test_the_batch_serves_bns_of_one_form_and_drops_an_edited_one():
+    from rewrite.ir import Graph, Node
+    from rewrite.params import _graph_affines
+
+    graph = Graph()
+    x = graph.add_input("x")
+    bns = [graph.append(Node("batch_norm", f"bn{i}", [x], attrs={"eps": 1e-5},
+                             params={"running_mean": torch.randn(4), "running_var": torch.rand(4) + 0.5,
+                                     "weight": torch.randn(4), "bias": torch.randn(4)})) for i in range(3)]
+    assert all(_graph_affines(n) is not None for n in bns)
+    with torch.no_grad():
+        bns[1].params["weight"].mul_(2.0)
+    assert _graph_affines(bns[1]) is None and _graph_affines(bns[0]) is not None
+    bns[2].params["bias"] = torch.randn(4)  # replaced
+    assert _graph_affines(bns[2]) is None
