@@ -104,3 +104,43 @@ def test_a_pattern_subclass_keeps_its_own_matching():
     assert list(match(AnyNormalization("layer_norm", (pattern.AnyPattern(),)), bn))
     relu = next(node for node in graph.nodes if node.kind == "relu")
     assert list(match(P.op("relu", ParamAsConst()), relu))
+
+
+def _weight_conversions(monkeypatch) -> list:
+    import importlib
+
+    rewrite.available_passes()  # the built-in passes, loaded as the package loads them
+    branch_forms = importlib.import_module("rewrite.passes.fuse_branches.branch_forms")
+
+    converted = []
+    real = branch_forms.weight_bias
+
+    def counting(node):
+        converted.append(node.label)
+        return real(node)
+    monkeypatch.setattr(branch_forms, "weight_bias", counting)
+    return converted
+
+
+def test_a_refused_cascade_converts_no_weight(monkeypatch):
+    """A zero-padded conv after a biased one is refused from the sketch (biases and shapes) alone."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1)).eval()
+    converted = _weight_conversions(monkeypatch)
+    _, report = rewrite.apply(model, ["fuse_branches"], return_report=True)
+    assert any("zero-pads its input" in r.reason for r in report.passes[0].result.refused)
+    assert converted == []
+
+
+def test_an_accepted_cascade_converts_each_weight_once_and_composes_as_before(monkeypatch):
+    model = nn.Sequential(nn.Conv2d(3, 8, 1, bias=False), nn.Conv2d(8, 8, 3, padding=1)).eval()
+    converted = _weight_conversions(monkeypatch)
+    out, report = rewrite.apply(model, ["fuse_branches"], return_report=True)
+    assert dict(report.passes[0].result.counts) == {"fuse_linear_cascade": 1}
+    assert sorted(converted) == ["0", "1"]
+    x = torch.randn(2, 3, 7, 7)
+    with torch.no_grad():
+        assert torch.allclose(out(x), model(x), rtol=1e-5, atol=1e-6)
+        wide = model.double()  # a float64 copy rewritten with the same rules matches to 1e-10
+        reference = wide(x.double())
+        error = (rewrite.apply(wide, ["fuse_branches"])(x.double()) - reference).abs().max()
+    assert float(error) <= 1e-10 * float(reference.abs().max())

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from rewrite.ir import Graph, Node, Value
+from rewrite.params import in_channels
 from rewrite.pass_manager import Pass, PassResult, RulePass, register_pass
 from rewrite.patterns.branches import concatenated_branches, linear_cascade, parallel_branches
 from rewrite.rule import rule
@@ -70,7 +71,7 @@ def _main_branch(group: list[Branch]) -> Branch:
 
 def _merge_group(group: list[Branch], layout: Layout, shifts: list[torch.Tensor], allow: bool) -> KernelForm | str:
     main = _main_branch(group)
-    channels = node_form(main.node).in_channels
+    channels = in_channels(main.node)  # from the weight's shape: its float64 form is built below, once
     forms = []
     for b in group:
         form = branch_form(b, layout, channels)
@@ -187,18 +188,21 @@ def fuse_linear_cascade(ctx, x, second):
         return None
     if branch.kind != second.kind:
         return None  # avg_pool -> conv, or linear -> conv: not a cascade of one kind
-    first = branch_form(branch, layout, node_form(branch.node).in_channels)
-    if isinstance(first, str):
-        return ctx.fail(first)
-    if expansion.shifts:
-        first.bias = first.bias + sum(expansion.shifts)
-    plan = plan_cascade(first, node_form(second))
-    if isinstance(plan, str):
-        return ctx.fail(plan)
-    # decided from the kernels' sizes, before any float64 composition
-    refusal = cascade_refusal(plan, ctx.options.get("allow_costlier", False))
-    if refusal and not _sum_absorbs(graph, second, branch.input, plan):
-        return ctx.fail(refusal)
+    # Planned first on sketches (biases, and the weights' shapes only): most refused cascades (a zero-padded
+    # conv after a biased one, a costlier kernel) are decided without converting either weight to float64.
+    for sketch in (True, False):
+        first = branch_form(branch, layout, in_channels(branch.node), sketch)
+        if isinstance(first, str):
+            return ctx.fail(first)
+        if expansion.shifts:
+            first.bias = first.bias + sum(expansion.shifts)
+        plan = plan_cascade(first, node_form(second, sketch))
+        if isinstance(plan, str):
+            return ctx.fail(plan)
+        # decided from the kernels' sizes, before any float64 composition
+        refusal = cascade_refusal(plan, ctx.options.get("allow_costlier", False))
+        if refusal and not _sum_absorbs(graph, second, branch.input, plan):
+            return ctx.fail(refusal)
     return _emit(ctx, branch.input, composed(plan), layout, second, second.output)
 
 
@@ -298,7 +302,7 @@ def _leave_parts(ctx, root: Node, left: list[tuple[str, list[Node]]]) -> None:
 
 
 def _stack_run(run, layout: Layout, weighted: list[Branch], allow: bool) -> KernelForm | str:
-    channels = node_form(weighted[0].node).in_channels
+    channels = in_channels(weighted[0].node)
     forms = []
     for _, branch, shifts in run:
         form = branch_form(branch, layout, channels)

@@ -18,7 +18,7 @@ import torch
 
 from rewrite.numerics.kernels import (accumulate, avg_pool_kernel, bias_through, compose, dirac, embed, regroup,
                                       scale_rows)
-from rewrite.params import weight_bias
+from rewrite.params import bias_f64, weight_bias
 
 from .branch_terms import Branch, Layout
 
@@ -57,9 +57,14 @@ class KernelForm:
 
 
 # -- branches as kernels -------------------------------------------------------------------------
-def node_form(node) -> KernelForm:
-    """A conv or linear node as it stands."""
-    weight, bias = weight_bias(node)
+def node_form(node, sketch: bool = False) -> KernelForm:
+    """A conv or linear node as it stands. A sketch has the float64 bias but only the weight's shape (a meta
+    tensor): enough to plan a cascade and refuse it without converting any weight."""
+    if sketch:
+        weight = torch.empty(node.params["weight"].shape, dtype=torch.float64, device="meta")
+        bias = bias_f64(node)
+    else:
+        weight, bias = weight_bias(node)
     if node.kind == "linear":
         return KernelForm(weight, bias, 1, (), (), (), "zeros", node.label)
     a = node.attrs
@@ -91,12 +96,12 @@ def pool_form(node, channels: int) -> KernelForm | str:
                       tuple(a["padding"]), "zeros", node.label)
 
 
-def branch_form(branch: Branch, layout: Layout, channels: int) -> KernelForm | str:
-    """The kernel of one branch, its per-channel factor included."""
+def branch_form(branch: Branch, layout: Layout, channels: int, sketch: bool = False) -> KernelForm | str:
+    """The kernel of one branch, its per-channel factor included (a sketch: see node_form)."""
     if branch.kind in ("conv", "linear"):
         if branch.kind != layout.family or branch.node.params["weight"].dim() != layout.spatial + 2:
             return f"{branch.node.label} does not lay out channels like the other branches"
-        form = node_form(branch.node)
+        form = node_form(branch.node, sketch)
         if branch.crop is not None:  # a crop of the input is padding taken away: negative until aligned
             form = replace(form, padding=tuple((pb - cb, pa - ca) for (pb, pa), (cb, ca) in
                                                zip(form.padding, branch.crop)))
@@ -114,7 +119,8 @@ def branch_form(branch: Branch, layout: Layout, channels: int) -> KernelForm | s
         return form
     if scale.numel() not in (1, form.out_channels):
         return f"a factor of {scale.numel()} values scales the {form.out_channels} channels of {form.source}"
-    return replace(form, weight=scale_rows(form.weight, scale), bias=form.bias * scale)
+    weight = form.weight if form.weight.is_meta else scale_rows(form.weight, scale)
+    return replace(form, weight=weight, bias=form.bias * scale)
 
 
 # -- alignment -----------------------------------------------------------------------------------
