@@ -159,9 +159,9 @@ def _all_affines(graph) -> dict:
         if node.kind != "batch_norm":
             continue
         stats = [node.params.get(k) for k in _STATS]
-        if stats[0] is None or stats[1] is None or any(t is not None and t.dim() != 1 for t in stats):
-            continue
-        signature = tuple(None if t is None else (t.dtype, t.device) for t in stats)
+        if stats[0] is None or stats[1] is None or any(t is not None and not _plain_vector(t) for t in stats):
+            continue  # computed alone, as before
+        signature = tuple(None if t is None else t.dtype for t in stats)
         groups.setdefault(signature, []).append(node)
     batch = {}
     for signature, nodes in groups.items():
@@ -181,6 +181,12 @@ def _all_affines(graph) -> dict:
         for n, s, t in zip(nodes, scale.split(sizes), shift.split(sizes)):
             batch[n] = (_stats_key(n), s, t)
     return batch
+
+
+def _plain_vector(t: torch.Tensor) -> bool:
+    """A dense 1-D CPU tensor of torch's own classes: what concatenation treats like the tensor alone."""
+    return type(t) in (torch.Tensor, torch.nn.Parameter) and t.dim() == 1 and t.device.type == "cpu" \
+        and t.layout == torch.strided and not t.is_quantized
 
 
 def _bn_affine(bn: Node) -> tuple[torch.Tensor, torch.Tensor]:
