@@ -136,8 +136,8 @@ def fold_parameter_expressions(root: torch.nn.Module, graph: fx.Graph,
                                before_call: Callable[[], None] = lambda: None) -> dict[fx.Node, torch.Tensor]:
     """The computed tensors of `graph` that depend on no input, each as its value (the leaves read
     directly, get_attr nodes, are left out: they are parameters already). Only values some node not
-    folded reads are returned; the rest are intermediate steps of those. `before_call` runs before the
-    first call of the model's code is evaluated."""
+    folded reads are returned; the rest are intermediate steps of those. `before_call` runs before each
+    call of the model's code is evaluated (the import's buffer guard copies the buffers at the first)."""
     native: dict[fx.Node, object] = {}
     wide: dict[fx.Node, object] = {}  # the same values computed from float64 leaves
 
