@@ -198,3 +198,19 @@ def test_the_batch_serves_bns_of_one_form_and_drops_an_edited_one():
     assert _graph_affines(bns[1]) is None and _graph_affines(bns[0]) is not None
     bns[2].params["bias"] = torch.randn(4)  # replaced
     assert _graph_affines(bns[2]) is None
+
+
+def test_a_hooked_stock_module_is_kept_as_its_call():
+    """A hook runs code of its own around the call: the module is not read as its kind, and the BN after a
+    hooked conv stays, with its reason (before, the conv was folded and the hook's effect lost)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.SiLU(), nn.Conv2d(4, 4, 1),
+                          nn.BatchNorm2d(4)).eval()
+    randomize_bn(model, seed=2)
+    model[0].register_forward_hook(lambda module, args, out: out * 2)
+    model[2].register_forward_pre_hook(lambda module, args: (args[0] + 1,))
+    assert recognize_module(model[0], 1) is None
+    out, report = rewrite.apply(model, ["fold_bn", "fuse_branches", "cleanup"], return_report=True)
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.allclose(out(x), model(x), rtol=1e-5, atol=1e-6)
+    assert report.nodes_after == {"opaque": 2, "batch_norm": 1, "conv": 1}
+    assert any(r.node == "1" and "opaque 0" in r.reason for r in report.passes[0].result.refused)

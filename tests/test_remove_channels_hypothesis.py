@@ -82,10 +82,18 @@ def kept(width: int, gone: list[int]) -> torch.Tensor:
 
 
 class Recorder:
+    """Each module's output on one run, through forward hooks that are removed after it: a hooked module runs
+    code of its own around its call, so the rewrite would keep it as it is."""
+
     def __init__(self, modules):
         self.out = {}
-        for name, m in modules.items():
-            m.register_forward_hook(lambda mod, inp, o, name=name: self.out.__setitem__(name, o))
+        self.handles = [m.register_forward_hook(lambda mod, inp, o, name=name: self.out.__setitem__(name, o))
+                        for name, m in modules.items()]
+
+    def run(self, model, x):
+        model(x)
+        for handle in self.handles:
+            handle.remove()
 
 
 # -- plain ------------------------------------------------------------------------------------------
@@ -114,7 +122,7 @@ def test_plain_networks(net):
         make_dead(m[3 * j], m[3 * j + 1], s, zero_beta)
     x = torch.randn(2, 3, 9, 9)
     rec = Recorder({j: m[3 * j + 2] for j in range(len(specs))})
-    m(x)
+    rec.run(m, x)
     gone, consts = [], {}
     for j, s in enumerate(specs):
         reader_pads = [zero_padded(specs[j + 1])] if j + 1 < len(specs) else [False]
@@ -183,7 +191,7 @@ def test_residual_networks(net):
     rec = Recorder({"stem": m.stem[2], **{f"x{i}": b["relu2"] for i, b in enumerate(m.blocks)},
                     **{f"h{i}": b["relu1"] for i, b in enumerate(m.blocks)},
                     **{f"y{i}": b["bn2"] for i, b in enumerate(m.blocks)}})
-    m(x)
+    rec.run(m, x)
     # A stream channel is constant in a block's output if it is in its input and in the block's bn2.
     stream_inputs = [rec.out["stem"]] + [rec.out[f"x{i}"] for i in range(len(inner))]
     x_const = {c for c in range(width) if stream[0][c]}
@@ -257,7 +265,7 @@ def test_concat_networks(net):
         make_dead(seq[0], seq[1], s, zero_beta)
     x = torch.randn(2, 3, 8, 8)
     rec = Recorder({"stem": m.stem[2], "a": m.a[2], "b": m.b[2], "c": m.c[2]})
-    m(x)
+    rec.run(m, x)
     stem_readers = [zero_padded(sa)] + ([] if twice else [zero_padded(sb)])
     const0 = constants(rec.out["stem"], s0)
     const_a = constants(rec.out["a"], sa, inputs_constant=all_inputs_constant(const0, s0["cout"], sa))

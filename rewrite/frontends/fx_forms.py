@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from ..errors import RewriteError
 from ..ir import OpDef, defined_ops
+from .module_calls import runs_class_forward
 
 
 class FxForms:
@@ -50,6 +51,8 @@ class FxForms:
             self.functions.setdefault(found, op)
 
     def module_op(self, m: nn.Module) -> OpDef | None:
+        if not runs_class_forward(m):
+            return None  # a forward on the instance or a hook runs code of its own: the call stays opaque
         for cls in type(m).__mro__:
             op = self.modules.get(cls)
             if op is not None:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..ir import Graph, Node, OpDefinitionError, Value, clamp_bound
 from .fx_forms import FxForms, bind_call, function_form, module_parts
+from .module_calls import runs_class_forward
 from .param_folding import pure_call
 from .scatter_forms import pad_per_channel
 from .trace_shortcuts import plain_batch_norm
@@ -114,8 +115,9 @@ _STOCK_FORWARDS = {c: c.forward for c in _FAMILIES}  # as torch defines them: a 
 
 def _family(m: nn.Module) -> type | None:
     """The first of _FAMILIES whose stock forward calling `m` runs (the class itself, or a subclass that does
-    not override forward); None for anything else, or a forward set on the instance or patched on the class."""
-    if "forward" in m.__dict__:
+    not override forward); None for anything else: a forward set on the instance or patched on the class, or
+    a hook (the module's own or a global one) that runs code of its own around the call."""
+    if not runs_class_forward(m):
         return None
     cls = type(m)
     return _family_of(cls, cls.forward)
