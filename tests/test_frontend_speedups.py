@@ -214,3 +214,35 @@ def test_a_hooked_stock_module_is_kept_as_its_call():
     assert torch.allclose(out(x), model(x), rtol=1e-5, atol=1e-6)
     assert report.nodes_after == {"opaque": 2, "batch_norm": 1, "conv": 1}
     assert any(r.node == "1" and "opaque 0" in r.reason for r in report.passes[0].result.refused)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 5000), st.sampled_from([torch.float32, torch.float64]), st.floats(-40, 18),
+       st.sampled_from([None, float("nan"), float("inf"), -float("inf"), 3e38, 1e-41]), st.integers(0, 2**31))
+def test_the_magnitude_bound_is_at_least_the_peak_or_gives_way(n, dtype, exponent, odd, seed):
+    from rewrite.params import _magnitude_bound
+
+    t = (torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * 10.0**exponent).to(dtype)
+    if odd is not None:
+        t[seed % n] = odd
+    bound = _magnitude_bound(t)
+    peak = float(t.abs().max())
+    if not torch.isfinite(t).all():
+        assert bound is None  # NaN and inf are left to the exact check, which names them
+    if bound is not None:
+        assert peak <= bound <= max(peak * n**0.5 * 1.01, 1e-18)
+
+
+def test_check_parameter_decides_as_the_exact_pass_does():
+    from rewrite.errors import NonFiniteError
+    from rewrite.params import check_parameter
+
+    ok = torch.randn(64, 8, 3, 3)
+    assert check_parameter(ok, ok.dtype, "w") >= float(ok.abs().max())
+    for bad in (float("nan"), float("inf"), 1e30):  # 1e30: finite, but within 2^32 of float32's largest
+        t = ok.clone()
+        t[3, 2, 1, 0] = bad
+        with pytest.raises(NonFiniteError):
+            check_parameter(t, t.dtype, "w")
+    strided = ok.transpose(0, 1)  # not dense: the exact pass, as before
+    assert check_parameter(strided, strided.dtype, "w") == float(ok.abs().max())
