@@ -5,7 +5,9 @@ original dtype and device, so fp16/bf16 and non-CPU models keep their kind.
 """
 from __future__ import annotations
 
+import functools
 import math
+import weakref
 
 import torch
 
@@ -33,6 +35,7 @@ def all_finite(t: torch.Tensor) -> bool:
 _HEADROOM = 2.0**32
 
 
+@functools.lru_cache(maxsize=None)
 def _too_large(dtype: torch.dtype) -> float | None:
     if not dtype.is_floating_point:
         return None
@@ -50,7 +53,9 @@ def check_parameter(t: torch.Tensor, dtype: torch.dtype, what: str, allow_infini
     if not t.is_floating_point() or not t.numel():
         return None
     limit = _too_large(dtype)
-    bound = _magnitude_bound(t)
+    bound = _fresh_bound(t)
+    if bound is None:
+        bound = _magnitude_bound(t)
     if bound is not None and (limit is None or bound <= limit):
         return bound  # finite, and below the margin: what the exact pass below would conclude
     low, high = torch.aminmax(t.detach())  # one pass; NaN propagates, so a NaN makes `peak` NaN
@@ -69,6 +74,32 @@ def check_parameter(t: torch.Tensor, dtype: torch.dtype, what: str, allow_infini
         raise NonFiniteError(f"{what} holds a value of magnitude {finite_max:.3g}, within 2^32 of "
                              f"{str(dtype).replace('torch.', '')}'s largest: activations would overflow in one "
                              "model and not the other; the site was left as it was")
+    return None
+
+
+# Bounds of tensors the rules made and checked here (scaled weights, cast results), by id: a rule that
+# reads a folded weight back (fuse_branches after fold_bn) makes no second pass over it. Only fresh
+# results are entered, never a model's own tensor; an edit in place bumps the version, and misses.
+_FRESH_BOUNDS: dict[int, tuple[weakref.ref, int, float]] = {}
+
+
+def _remember(t: torch.Tensor, bound: float | None) -> None:
+    if bound is None or not math.isfinite(bound):
+        return
+    key = id(t)
+
+    def forget(ref, key=key):
+        entry = _FRESH_BOUNDS.get(key)
+        if entry is not None and entry[0] is ref:
+            del _FRESH_BOUNDS[key]
+
+    _FRESH_BOUNDS[key] = (weakref.ref(t, forget), t._version, bound)
+
+
+def _fresh_bound(t: torch.Tensor) -> float | None:
+    entry = _FRESH_BOUNDS.get(id(t))
+    if entry is not None and entry[0]() is t and entry[1] == t._version:
+        return entry[2]
     return None
 
 
@@ -103,7 +134,8 @@ def cast_like(t: torch.Tensor, like: torch.Tensor, allow_infinite: bool = False)
     `allow_infinite` is for values meant to be +-inf (open clamp bounds).
     """
     out = t.detach().to(device=like.device, dtype=like.dtype, copy=True)
-    check_parameter(out, out.dtype, "the rewritten parameter", allow_infinite, source=t)
+    bound = check_parameter(out, out.dtype, "the rewritten parameter", allow_infinite, source=t)
+    _remember(out, bound)
     return out
 
 
@@ -120,21 +152,25 @@ def scaled_weight(node: Node, scale: torch.Tensor) -> torch.Tensor:
         work = weight.cpu()
         factors = scale.to(work.dtype)
         out = scale_output_channels(node, work, factors)
-        if not _product_in_range(peak, factors, out.dtype):
-            check_parameter(out, out.dtype, "the rewritten weight")
-        return out.to(weight.device)
+        bound = _product_bound(peak, factors, out.dtype)
+        if bound is None:
+            bound = check_parameter(out, out.dtype, "the rewritten weight")
+        out = out.to(weight.device)
+        _remember(out, bound)
+        return out
     return cast_like(scale_output_channels(node, f64(weight), scale), weight)
 
 
-def _product_in_range(peak: float | None, factors: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Is every product of a value of magnitude <= `peak` and one of `factors` surely finite and below the
-    overflow margin of `dtype`? Then checking the product would find nothing, and its pass over the
-    tensor is skipped. A rounded product is at most (1 + 2^-24) times the exact one; 2^-20 covers it."""
+def _product_bound(peak: float | None, factors: torch.Tensor, dtype: torch.dtype) -> float | None:
+    """A bound on every product of a value of magnitude <= `peak` and one of `factors`, when it is surely
+    finite and below the overflow margin of `dtype` (None otherwise). Then checking the product would find
+    nothing, and its pass over the tensor is skipped. A rounded product is at most (1 + 2^-24) times the
+    exact one; 2^-20 covers it."""
     limit = _too_large(dtype)
     if peak is None or limit is None or not factors.numel():
-        return False
+        return None
     bound = peak * float(factors.abs().max()) * (1 + 2.0**-20)
-    return math.isfinite(bound) and bound <= limit
+    return bound if math.isfinite(bound) and bound <= limit else None
 
 
 def bn_affine(bn: Node) -> tuple[torch.Tensor, torch.Tensor]:

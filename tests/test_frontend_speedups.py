@@ -246,3 +246,20 @@ def test_check_parameter_decides_as_the_exact_pass_does():
             check_parameter(t, t.dtype, "w")
     strided = ok.transpose(0, 1)  # not dense: the exact pass, as before
     assert check_parameter(strided, strided.dtype, "w") == float(ok.abs().max())
+
+
+def test_a_remembered_bound_serves_only_the_unedited_fresh_result():
+    from rewrite.errors import NonFiniteError
+    from rewrite.params import _FRESH_BOUNDS, cast_like, check_parameter
+
+    out = cast_like(torch.randn(10, dtype=torch.float64), torch.zeros(1))
+    assert id(out) in _FRESH_BOUNDS and check_parameter(out, out.dtype, "w") >= float(out.abs().max())
+    out[3] = float("nan")  # an edit in place bumps the version: the tensor is checked again
+    with pytest.raises(NonFiniteError):
+        check_parameter(out, out.dtype, "w")
+    key = id(out)
+    del out
+    assert key not in _FRESH_BOUNDS  # the entry goes with its tensor
+    own = torch.randn(10)
+    check_parameter(own, own.dtype, "w")
+    assert id(own) not in _FRESH_BOUNDS  # a model's own tensor is never entered
