@@ -263,3 +263,34 @@ def test_a_remembered_bound_serves_only_the_unedited_fresh_result():
     own = torch.randn(10)
     check_parameter(own, own.dtype, "w")
     assert id(own) not in _FRESH_BOUNDS  # a model's own tensor is never entered
+
+
+def test_the_written_back_tree_keeps_the_model_mode_and_a_field_named_child(monkeypatch):
+    import torch.fx as fx
+    from rewrite.frontends import fx_emit
+
+    torchvision = pytest.importorskip("torchvision")
+    model = randomize_bn(torchvision.models.resnet18().eval(), seed=0)
+    x = torch.randn(1, 3, 64, 64)
+    out = rewrite.apply(model, ["fold_bn"])
+    assert not any(m.training for m in out.modules())  # fx's own copy left its new containers in training mode
+    with monkeypatch.context() as patch:  # fx's copy of the attributes the graph names, as before
+        patch.setattr(fx_emit, "_adopt", lambda tree, graph, name: fx.GraphModule(tree, graph, class_name=name))
+        copied = rewrite.apply(model, ["fold_bn"])
+    assert list(out.state_dict()) == list(copied.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(out.state_dict().values(), copied.state_dict().values()))
+    assert out.code == copied.code and torch.equal(out(x), copied(x))
+
+    class Named(nn.Module):  # a child whose name is a field every GraphModule instance has
+        def __init__(self):
+            super().__init__()
+            self.meta = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+
+        def forward(self, x):
+            return self.meta(x).relu()
+
+    named = randomize_bn(Named().eval(), seed=1)
+    before = {k: v.clone() for k, v in named.state_dict().items()}
+    with pytest.raises(rewrite.RewriteError, match="module 'meta'.*name of a field every GraphModule has"):
+        rewrite.apply(named, ["fold_bn"])
+    assert all(torch.equal(v, named.state_dict()[k]) for k, v in before.items())

@@ -22,6 +22,7 @@ from ..params import pad_border
 from . import chain
 from .fx_forms import emit_call, function_form
 from .fx_import import Attr, FxOrigin, In
+from .fx_internals import add_node
 from .fx_graph import WeaklyOwnedGraph
 
 _CONV_CLASSES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -79,6 +80,7 @@ class _Staging:
     def __init__(self, root: nn.Module, copy_originals: bool):
         self.root = root
         self.tree = nn.Module()
+        self.tree.training = root.training  # the stand-ins for a path's parents take the mode of the module they stand for
         self.copy_originals = copy_originals
         self.memo: dict[int, Any] = {}  # one deepcopy memo, so tied parameters stay tied
         self.taken: set[str] = set()
@@ -212,13 +214,11 @@ class FxEmitter:
                 self.env[id(node.output)] = out
             else:
                 for i, value in enumerate(node.outputs):
-                    self.env[id(value)] = self.fx_graph.call_function(operator.getitem, (out, i))
+                    self.env[id(value)] = self.call(operator.getitem, out, i)
         template = graph.meta["fx_output"]
         self.fx_graph.output(fx.node.map_aggregate(
             template, lambda a: self.fx_value(graph.outputs[a.index]) if isinstance(a, In) else a))
-        gm = fx.GraphModule(self.staging.tree, self.fx_graph, class_name=type(self.root).__name__)
-        gm.training = self.root.training
-        return gm
+        return _adopt(self.staging.tree, self.fx_graph, type(self.root).__name__)
 
     # Untouched nodes ---------------------------------------------------------------------
     def _emit_origin(self, node: Node) -> fx.Node:
@@ -237,12 +237,12 @@ class FxEmitter:
             return self._get_attr(origin.target)
         if origin.op == "call_module":
             self.staging.install_original(origin.target)
-        return self.fx_graph.create_node(origin.op, origin.target, args, kwargs, name=origin.name)
+        return add_node(self.fx_graph, origin.op, origin.target, args, kwargs, name=origin.name)
 
     def _get_attr(self, target: str) -> fx.Node:
         if target not in self.attr_nodes:
             self.staging.install_original(target)
-            self.attr_nodes[target] = self.fx_graph.get_attr(target)
+            self.attr_nodes[target] = add_node(self.fx_graph, "get_attr", target)
         return self.attr_nodes[target]
 
     # Rebuilt nodes -------------------------------------------------------------------------
@@ -262,10 +262,37 @@ class FxEmitter:
     def new_tensor(self, node: Node, suffix: str, tensor: torch.Tensor, parameter: bool = False) -> fx.Node:
         obj = nn.Parameter(tensor, requires_grad=tensor.is_floating_point()) if parameter else tensor
         path = self.staging.install_new(f"{_base_path(node)}_{suffix}", obj)
-        return self.fx_graph.get_attr(path)
+        return add_node(self.fx_graph, "get_attr", path)
 
     def call(self, fn: Callable, *args, **kwargs) -> fx.Node:
-        return self.fx_graph.call_function(fn, args, kwargs)
+        return add_node(self.fx_graph, "call_function", fn, args, kwargs)
+
+    def call_module(self, path: str, *args) -> fx.Node:
+        return add_node(self.fx_graph, "call_module", path, args)
+
+
+def _adopt(tree: nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
+    """A GraphModule running `graph` whose module tree is `tree` itself.
+
+    fx.GraphModule(tree, graph) would copy every attribute a node names into a second tree of new
+    empty modules (left in training mode whatever the model's mode): the staging tree already holds
+    exactly those attributes, so the GraphModule is made over an empty graph and takes the tree's
+    contents as they are."""
+    empty = WeaklyOwnedGraph()
+    empty.output(None)
+    gm = fx.GraphModule(nn.Module(), empty, class_name=class_name)
+    clash = [name for name in (*tree._modules, *tree._parameters, *tree._buffers) if name in gm.__dict__]
+    if clash:  # fx.GraphModule fails on these too (it sets its own `meta` over the child)
+        raise RewriteError(f"cannot write the model back to torch.fx: its attribute '{clash[0]}' has the name of a "
+                           "field every GraphModule has; rename it, or rewrite the submodules below it",
+                           where=f"module '{clash[0]}'")
+    gm._modules.update(tree._modules)
+    gm._parameters.update(tree._parameters)
+    gm._buffers.update(tree._buffers)
+    gm._non_persistent_buffers_set.update(tree._non_persistent_buffers_set)
+    gm.training = tree.training
+    gm.graph = graph  # generates and compiles forward
+    return gm
 
 
 def _from_origin(node: Node) -> bool:
@@ -337,7 +364,7 @@ def _emit_conv(e: FxEmitter, node: Node, inputs):
     conv = _conv_module(_CONV_CLASSES[dims], weight, bias, weight.shape[1] * groups, weight.shape[0],
                         stride=tuple(a["stride"]), padding=tuple(p[0] for p in pads), dilation=tuple(a["dilation"]),
                         groups=groups, padding_mode=mode, transposed=False, output_padding=(0,) * dims)
-    return e.fx_graph.call_module(e.new_module(node, conv), (x,))
+    return e.call_module(e.new_module(node, conv), x)
 
 
 def _set_weights(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -358,14 +385,14 @@ def _emit_conv_transpose(e: FxEmitter, node: Node, inputs):
                         stride=tuple(a["stride"]), padding=tuple(p[0] for p in a["padding"]),
                         output_padding=tuple(a["output_padding"]), groups=groups, dilation=tuple(a["dilation"]),
                         padding_mode="zeros", transposed=True)
-    return e.fx_graph.call_module(e.new_module(node, conv), (inputs[0],))
+    return e.call_module(e.new_module(node, conv), inputs[0])
 
 
 def _emit_linear(e: FxEmitter, node: Node, inputs):
     weight, bias = node.params["weight"], node.params.get("bias")
     linear = _blank(nn.Linear, in_features=weight.shape[1], out_features=weight.shape[0])
     _set_weights(linear, weight, bias)
-    return e.fx_graph.call_module(e.new_module(node, linear), (inputs[0],))
+    return e.call_module(e.new_module(node, linear), inputs[0])
 
 
 _BN_CLASSES = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
@@ -387,7 +414,7 @@ def _emit_batch_norm(e: FxEmitter, node: Node, inputs):
         if affine:
             bn.weight, bn.bias = nn.Parameter(p["weight"].detach()), nn.Parameter(p["bias"].detach())
         bn.train(bool(a["training"]))
-        return e.fx_graph.call_module(e.staging.install_new(_base_path(node), bn), (inputs[0],))
+        return e.call_module(e.staging.install_new(_base_path(node), bn), inputs[0])
     tensors = {k: (e.new_tensor(node, k, t.detach(), parameter=k in ("weight", "bias")) if t is not None else None)
                for k, t in p.items()}
     return e.call(F.batch_norm, inputs[0], tensors["running_mean"], tensors["running_var"],

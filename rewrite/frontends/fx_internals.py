@@ -13,6 +13,10 @@ import functools
 import hashlib
 import inspect
 
+import torch
+import torch.fx as fx
+from torch.fx.immutable_collections import immutable_dict
+
 # qualified name -> sha256 of the source text the shortcuts reproduce (torch 2.14.1)
 _KNOWN = {
     "torch.fx._symbolic_trace.Tracer.create_arg": "9b552e42a895aab64c77f8c8d40cd6ef6a793dc0fc57ce5b827b68b293890ce3",
@@ -60,3 +64,47 @@ def _sources_known() -> bool:
 def shortcuts_valid() -> bool:
     """May tracing skip fx's generic steps (the sources are the known ones and no test turned it off)?"""
     return enabled and _sources_known()
+
+
+# Types fx.Tracer.create_arg passes through unchanged (fx's own fast path lists them, with tensors,
+# which need their name looked up, and containers).
+PLAIN_VALUES = frozenset({int, float, bool, complex, str, type(None), type(...), torch.dtype, torch.device,
+                          torch.memory_format, torch.layout})
+
+
+def plain_arguments(a) -> bool:
+    """Only plain Python values and fx nodes, in tuples, lists, dicts and slices (so no SymInt)?"""
+    kind = type(a)
+    if kind in PLAIN_VALUES or kind is fx.Node:
+        return True
+    if kind is tuple or kind is list:
+        return all(plain_arguments(item) for item in a)
+    if kind is dict:
+        return all(plain_arguments(item) for item in a.values())
+    if kind is slice:
+        return plain_arguments(a.start) and plain_arguments(a.stop) and plain_arguments(a.step)
+    return False
+
+
+def add_node(graph: fx.Graph, op: str, target, args: tuple = (), kwargs: dict | None = None,
+             name: str | None = None, type_expr=None) -> fx.Node:
+    """graph.create_node(op, target, args, kwargs, name, type_expr). Done directly (fx's Graph.create_node without its
+    pytree scan of every argument for a raw SymInt to warn about, a fifth of tracing and of writing back)
+    when fx's code is the known one, the graph's class keeps fx's node creation, no module owns the graph
+    yet (so no creation hooks and no reference warnings) and the arguments hold only plain values and
+    nodes; anything else takes fx's path."""
+    kwargs = {} if kwargs is None else kwargs
+    if not (shortcuts_valid() and type(graph).create_node is fx.Graph.create_node and graph.owning_module is None
+            and type(args) is tuple and type(kwargs) in (dict, immutable_dict) and plain_arguments(args)
+            and plain_arguments(tuple(kwargs.values()))):
+        return graph.create_node(op, target, args, kwargs, name, type_expr)
+    if not kwargs:
+        kwargs = immutable_dict()
+    candidate = name if name is not None else graph._target_to_str(target)
+    name = graph._graph_namespace.create_name(candidate, None)
+    node = fx.Node(graph, name, op, target, args, kwargs, type_expr)
+    graph._graph_namespace.associate_name_with_obj(name, node)
+    graph._insert(node)
+    graph._find_nodes_lookup_table.insert(node)
+    graph._len += 1
+    return node

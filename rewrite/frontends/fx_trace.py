@@ -11,12 +11,11 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 import torch.fx.traceback as fx_traceback
-from torch.fx.immutable_collections import immutable_dict
 from torch.fx.proxy import Scope
 from torch.fx.proxy import log as _proxy_log
 
 from ..errors import TraceError
-from .fx_internals import shortcuts_valid
+from .fx_internals import PLAIN_VALUES, add_node, shortcuts_valid
 from .trace_shortcuts import Shortcuts
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -73,26 +72,6 @@ class _Scope(Scope):
         return Scope(self.module_path, self.module_type)
 
 
-# Types fx.Tracer.create_arg passes through unchanged (fx's own fast path lists them, with tensors,
-# which need their name looked up, and containers).
-_PLAIN_VALUES = frozenset({int, float, bool, complex, str, type(None), type(...), torch.dtype, torch.device,
-                           torch.memory_format, torch.layout})
-
-
-def _plain_arguments(a) -> bool:
-    """Only plain Python values and fx nodes, in tuples, lists, dicts and slices (so no SymInt)?"""
-    kind = type(a)
-    if kind in _PLAIN_VALUES or kind is fx.Node:
-        return True
-    if kind is tuple or kind is list:
-        return all(_plain_arguments(item) for item in a)
-    if kind is dict:
-        return all(_plain_arguments(item) for item in a.values())
-    if kind is slice:
-        return _plain_arguments(a.start) and _plain_arguments(a.stop) and _plain_arguments(a.step)
-    return False
-
-
 class _Tracer(fx.Tracer):
     """The default tracer, plus user leaf modules and a record of where a failure happened."""
 
@@ -112,21 +91,11 @@ class _Tracer(fx.Tracer):
         # checked to hold only plain values and nodes (no SymInt among them), and anything else takes
         # fx's path.
         graph = self.graph
-        if not (self.known_internals and type(graph) is fx.Graph and graph.owning_module is None
+        if not (self.known_internals and type(graph) is fx.Graph
                 and not self.check_mutable_operations and not self.record_stack_traces
-                and not fx_traceback.has_preserved_node_meta() and not _proxy_log.isEnabledFor(logging.DEBUG)
-                and type(args) is tuple and type(kwargs) is dict and _plain_arguments(args)
-                and _plain_arguments(tuple(kwargs.values()))):
+                and not fx_traceback.has_preserved_node_meta() and not _proxy_log.isEnabledFor(logging.DEBUG)):
             return super().create_node(kind, target, args, kwargs, name, type_expr)
-        if not kwargs:
-            kwargs = immutable_dict()
-        candidate = name if name is not None else graph._target_to_str(target)
-        name = graph._graph_namespace.create_name(candidate, None)
-        node = fx.Node(graph, name, kind, target, args, kwargs, type_expr)
-        graph._graph_namespace.associate_name_with_obj(name, node)
-        graph._insert(node)
-        graph._find_nodes_lookup_table.insert(node)
-        graph._len += 1
+        node = add_node(graph, kind, target, args, kwargs, name, type_expr)
         self.node_name_to_scope[node.name] = (self.scope.module_path, self.scope.module_type)
         if self.module_stack:
             node.meta["nn_module_stack"] = copy.copy(self.module_stack)
@@ -145,7 +114,7 @@ class _Tracer(fx.Tracer):
         # exact types (none is a parameter, buffer, module, constant tensor or proxyable class),
         # without running every check on each of the ~10 arguments a node has.
         kind = type(a)
-        if kind in _PLAIN_VALUES:
+        if kind in PLAIN_VALUES:
             return a
         if kind is fx.Proxy:
             return a.node
