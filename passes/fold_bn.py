@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 
 from rewrite.ir import Value
-from rewrite.params import (bias_f64, bn_affine, bn_refusal, channel_values, in_channels, input_shift_to_bias,
-                            out_channels, scale_input_channels, scaled_weight, weight_bias, zero_padded)
+from rewrite.params import (bias_f64, bn_affine, bn_refusal, channel_values, copied_weight, in_channels,
+                            input_shift_to_bias, out_channels, scale_input_channels, scaled_weight, weight_bias,
+                            zero_padded)
 from rewrite.pass_manager import RulePass, register_pass
 from rewrite.rule import rule
 from rewrite.sites import account_for, neighbours
@@ -232,8 +233,7 @@ def fold_shift_into_conv(ctx, x, conv, shift, add):
     vector = _channel_vector(conv, conv.output, shift)
     if vector is None:
         return ctx.fail(f"the constant of shape {tuple(shift.shape)} does not act per output channel of {conv.label}")
-    weight, bias = weight_bias(conv)
-    return _rebuilt(ctx, conv, x, weight, bias + vector, add.output)
+    return _rebuilt(ctx, conv, x, copied_weight(conv), bias_f64(conv) + vector, add.output)
 
 
 def _unfoldable(bn) -> str:

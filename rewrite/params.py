@@ -281,6 +281,17 @@ def weight_bias(node: Node) -> tuple[torch.Tensor, torch.Tensor]:
     return f64(weight), bias_f64(node)
 
 
+def copied_weight(node: Node) -> torch.Tensor:
+    """A fresh copy of node's weight, as it is (a rule that only changes the bias), checked like weight_bias.
+
+    The same values as a float64 round trip of the weight, without it."""
+    weight = node.params["weight"]
+    bound = check_parameter(weight, weight.dtype, f"the weight of {node.label}")
+    out = weight.detach().clone()
+    _remember(out, bound)
+    return out
+
+
 def bias_f64(node: Node) -> torch.Tensor:
     """Float64 bias of a conv/conv_transpose/linear; a missing bias is zeros (checked like weight_bias)."""
     bias = node.params.get("bias")

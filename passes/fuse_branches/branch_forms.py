@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from rewrite.numerics.kernels import (accumulate, avg_pool_kernel, bias_through, compose, dirac, embed, regroup,
-                                      scale_rows)
+                                      scale_rows_)
 from rewrite.params import bias_f64, weight_bias
 
 from .branch_terms import Branch, Layout
@@ -119,7 +119,8 @@ def branch_form(branch: Branch, layout: Layout, channels: int, sketch: bool = Fa
         return form
     if scale.numel() not in (1, form.out_channels):
         return f"a factor of {scale.numel()} values scales the {form.out_channels} channels of {form.source}"
-    weight = form.weight if form.weight.is_meta else scale_rows(form.weight, scale)
+    # the form's weight is its own fresh float64 copy (node_form, identity_form, pool_form above): scaled in place
+    weight = form.weight if form.weight.is_meta else scale_rows_(form.weight, scale)
     return replace(form, weight=weight, bias=form.bias * scale)
 
 

@@ -106,6 +106,7 @@ def bias_through(second: torch.Tensor, groups: int, bias: torch.Tensor) -> torch
     return torch.bmm(summed, bias.reshape(groups, mid_per_group, 1)).reshape(out_total)
 
 
-def scale_rows(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """weight scaled per output channel (axis 0); `scale` is a scalar or one value per channel."""
-    return weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
+def scale_rows_(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`weight` scaled in place per output channel (axis 0); `scale` is a scalar or one value per channel.
+    In place: the same products as `weight * scale`, without a second kernel-sized tensor."""
+    return weight.mul_(scale.reshape(-1, *([1] * (weight.dim() - 1))))
