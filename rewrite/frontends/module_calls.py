@@ -16,10 +16,17 @@ _OWN_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backw
 
 def global_hooks_set() -> bool:
     """Is a hook registered for every module (torch.nn.modules.module.register_module_forward_hook, ...)?"""
-    return any(getattr(module_globals, name, None) for name in _GLOBAL_HOOKS)
+    for name in _GLOBAL_HOOKS:  # a loop, not any() over a generator: this runs for every module call imported
+        if getattr(module_globals, name, None):
+            return True
+    return False
 
 
 def runs_class_forward(module: torch.nn.Module) -> bool:
     """Does calling `module` run `type(module).forward` and nothing else?"""
-    return "forward" not in module.__dict__ and not any(getattr(module, name, None) for name in _OWN_HOOKS) \
-        and not global_hooks_set()
+    if "forward" in module.__dict__:
+        return False
+    for name in _OWN_HOOKS:
+        if getattr(module, name, None):
+            return False
+    return not global_hooks_set()
