@@ -294,3 +294,37 @@ def test_the_written_back_tree_keeps_the_model_mode_and_a_field_named_child(monk
     with pytest.raises(rewrite.RewriteError, match="module 'meta'.*name of a field every GraphModule has"):
         rewrite.apply(named, ["fold_bn"])
     assert all(torch.equal(v, named.state_dict()[k]) for k, v in before.items())
+
+
+def test_the_terms_of_a_sum_are_freed_without_the_collector():
+    import gc
+    import sys
+    import weakref
+
+    from rewrite.frontends.fx import import_module
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x) + self.bn(x)
+
+    rewrite.apply(nn.Sequential(nn.Conv2d(1, 1, 1)), ["fuse_branches"])  # loads the built-in passes
+    terms = sys.modules["rewrite.passes.fuse_branches.branch_terms"]
+    graph = import_module(randomize_bn(Block().eval(), seed=0))
+    add = [n for n in graph.nodes if n.kind == "add"][-1]
+    layout, dtype = terms.find_layout(add.output)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        expansion = terms.expand(graph, add.output, layout, dtype)
+        assert len(expansion.terms) == 3
+        ref = weakref.ref(expansion)
+        del expansion
+        assert ref() is None  # freed by reference counting: no cycle holds it (and the BN's affine tensors)
+    finally:
+        if enabled:
+            gc.enable()

@@ -128,6 +128,7 @@ def expand(graph: Graph, value: Value, layout: Layout, dtype: torch.dtype | None
         out.terms.append(Term(v, scale))
 
     walk(value, None, top)
+    del walk  # it refers to itself through its closure: a cycle only the collector would free, with `out` in it
     return out
 
 
