@@ -115,6 +115,7 @@ def subgraph_captures(proto: onnx.NodeProto) -> list[str]:
     for attr in proto.attribute:
         for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
             walk(sub, set())
+    del walk  # it refers to itself through its closure: a cycle left for the collector
     return list(found)
 
 
