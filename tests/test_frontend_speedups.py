@@ -328,3 +328,24 @@ def test_the_terms_of_a_sum_are_freed_without_the_collector():
     finally:
         if enabled:
             gc.enable()
+
+
+def test_the_adopted_tree_keeps_plain_attributes_a_node_names():
+    import torch.fx as fx
+    from torch.utils import _pytree as pytree
+
+    from rewrite.frontends.fx_emit import _adopt
+    from rewrite.frontends.fx_graph import WeaklyOwnedGraph
+
+    tree = nn.Module()
+    tree.conv = nn.Conv2d(2, 2, 1)
+    tree.spec = pytree.tree_flatten((1, 2))[1]  # not a module, parameter or buffer: kept in __dict__
+    tree.training = False
+    graph = WeaklyOwnedGraph()
+    x = graph.placeholder("x")
+    graph.get_attr("spec")
+    graph.output(graph.call_module("conv", (x,)))
+    gm = _adopt(tree, graph, "Net")
+    assert gm.spec is tree.spec and gm.conv is tree.conv and not gm.training and type(gm).__name__ == "Net"
+    inp = torch.randn(1, 2, 3, 3)
+    assert torch.equal(gm(inp), tree.conv(inp))

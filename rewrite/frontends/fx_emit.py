@@ -23,6 +23,7 @@ from . import chain
 from .fx_forms import emit_call, function_form
 from .fx_import import Attr, FxOrigin, In
 from .fx_internals import add_node
+from .fx_trace import MODULE_FIELDS
 from .fx_graph import WeaklyOwnedGraph
 
 _CONV_CLASSES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -281,7 +282,9 @@ def _adopt(tree: nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
     empty = WeaklyOwnedGraph()
     empty.output(None)
     gm = fx.GraphModule(nn.Module(), empty, class_name=class_name)
-    clash = [name for name in (*tree._modules, *tree._parameters, *tree._buffers) if name in gm.__dict__]
+    # plain attributes a node names (a script object, say) sit in the tree's own __dict__
+    plain = {k: v for k, v in tree.__dict__.items() if k not in MODULE_FIELDS}
+    clash = [name for name in (*tree._modules, *tree._parameters, *tree._buffers, *plain) if name in gm.__dict__]
     if clash:  # fx.GraphModule fails on these too (it sets its own `meta` over the child)
         raise RewriteError(f"cannot write the model back to torch.fx: its attribute '{clash[0]}' has the name of a "
                            "field every GraphModule has; rename it, or rewrite the submodules below it",
@@ -290,6 +293,8 @@ def _adopt(tree: nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
     gm._parameters.update(tree._parameters)
     gm._buffers.update(tree._buffers)
     gm._non_persistent_buffers_set.update(tree._non_persistent_buffers_set)
+    for k, v in plain.items():
+        setattr(gm, k, v)
     gm.training = tree.training
     gm.graph = graph  # generates and compiles forward
     return gm

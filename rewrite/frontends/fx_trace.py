@@ -208,7 +208,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 # Attributes every nn.Module has (its parameters, buffers, submodules and hooks): fx restores those.
-_MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
+MODULE_FIELDS = frozenset(vars(torch.nn.Module()))
 
 
 class _ModuleWalk:
@@ -231,7 +231,7 @@ class _ModuleWalk:
                 if b is not None and id(b) not in self.buffers:
                     self.buffers[id(b)] = (dot + name, b)
             for name, value in vars(m).items():
-                if name in _MODULE_INTERNALS:
+                if name in MODULE_FIELDS:
                     continue
                 if type(value) in (dict, OrderedDict):
                     self.containers.append((value, list(value.items())))
