@@ -81,7 +81,7 @@ class _Staging:
     def __init__(self, root: nn.Module, copy_originals: bool):
         self.root = root
         self.tree = nn.Module()
-        self.tree.training = root.training  # the stand-ins for a path's parents take the mode of the module they stand for
+        self.tree.training = root.training  # stand-ins for a path's parents take the mode of what they stand for
         self.copy_originals = copy_originals
         self.memo: dict[int, Any] = {}  # one deepcopy memo, so tied parameters stay tied
         self.taken: set[str] = set()
