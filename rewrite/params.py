@@ -165,11 +165,11 @@ def _product_bound(peak: float | None, factors: torch.Tensor, dtype: torch.dtype
     """A bound on every product of a value of magnitude <= `peak` and one of `factors`, when it is surely
     finite and below the overflow margin of `dtype` (None otherwise). Then checking the product would find
     nothing, and its pass over the tensor is skipped. A rounded product is at most (1 + 2^-24) times the
-    exact one; 2^-20 covers it."""
+    exact one (2^-20 covers it), or the exact one plus the smallest subnormal (the absolute term)."""
     limit = _too_large(dtype)
     if peak is None or limit is None or not factors.numel():
         return None
-    bound = peak * float(factors.abs().max()) * (1 + 2.0**-20)
+    bound = peak * float(factors.abs().max()) * (1 + 2.0**-20) + 2.0**-62
     return bound if math.isfinite(bound) and bound <= limit else None
 
 

@@ -50,6 +50,19 @@ def test_an_opset_newer_than_onnx_knows_is_refused():
         rewrite.apply(model, ["fold_bn"])
 
 
+@pytest.mark.parametrize("where", ["input", "value_info", "output"])
+def test_a_value_declared_with_an_unknown_element_type_is_refused_naming_it(where, tmp_path):
+    model = conv_bn(8, 17, initializers_as_inputs=False)
+    model.graph.value_info.append(helper.make_tensor_value_info("c", TensorProto.FLOAT, [1, 4, 6, 6]))
+    info = {"input": model.graph.input, "value_info": model.graph.value_info, "output": model.graph.output}[where][0]
+    info.type.tensor_type.elem_type = 94  # no onnx data type (onnx-graphsurgeon failed with a KeyError)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    for source in (model, str(path)):
+        with pytest.raises(ModelLoadError, match=f"value '{info.name}' is declared with element type 94"):
+            rewrite.apply(source, ["fold_bn"])
+
+
 @pytest.fixture
 def external_model(tmp_path):
     folder = tmp_path / "model"

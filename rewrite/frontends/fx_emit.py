@@ -75,6 +75,15 @@ def _module_registration_hooks() -> bool:
     return bool(getattr(module_impl, "_global_module_registration_hooks", True))
 
 
+def _registration_hooks() -> bool:
+    """Any global hook on registering a module, parameter or buffer (it may replace what is registered)?"""
+    from torch.nn.modules import module as module_impl
+
+    return _module_registration_hooks() or any(
+        getattr(module_impl, name, True) for name in ("_global_parameter_registration_hooks",
+                                                     "_global_buffer_registration_hooks"))
+
+
 class _Staging:
     """The module tree the GraphModule is built from: copies of what is used, plus new modules."""
 
@@ -163,11 +172,12 @@ class _Staging:
         base = re.sub(r"[^0-9A-Za-z_.]", "_", base).strip(".") or "fused"
         path = fresh_name(base, self.taken.__contains__)
         *prefix, field = path.split(".")
-        parent = self.tree
+        parent, source = self.tree, self.root  # `source`: the model's module at the same path, if any
         for item in prefix:
+            source = getattr(source, "_modules", {}).get(item)
             child = getattr(parent, item, None)
             if child is None:
-                child = self._placeholder(parent)
+                child = self._placeholder(source if isinstance(source, nn.Module) else parent)
                 _attach(parent, item, child)
             parent = child
         if isinstance(obj, nn.Module) or isinstance(obj, nn.Parameter):
@@ -284,11 +294,16 @@ def _adopt(tree: nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
     gm = fx.GraphModule(nn.Module(), empty, class_name=class_name)
     # plain attributes a node names (a script object, say) sit in the tree's own __dict__
     plain = {k: v for k, v in tree.__dict__.items() if k not in MODULE_FIELDS}
-    clash = [name for name in (*tree._modules, *tree._parameters, *tree._buffers, *plain) if name in gm.__dict__]
-    if clash:  # fx.GraphModule fails on these too (it sets its own `meta` over the child)
+    names = (*tree._modules, *tree._parameters, *tree._buffers, *plain)
+    clash = [name for name in names if name in gm.__dict__ or hasattr(type(gm), name)]
+    if clash:  # the generated forward would reach GraphModule's own field or method (`code`, `meta`), not it
         raise RewriteError(f"cannot write the model back to torch.fx: its attribute '{clash[0]}' has the name of a "
-                           "field every GraphModule has; rename it, or rewrite the submodules below it",
+                           "field or method every GraphModule has; rename it, or rewrite the submodules below it",
                            where=f"module '{clash[0]}'")
+    if _registration_hooks():  # fx's copy registers each attribute through setattr, so such hooks see them
+        gm = fx.GraphModule(tree, graph, class_name=class_name)
+        gm.training = tree.training
+        return gm
     gm._modules.update(tree._modules)
     gm._parameters.update(tree._parameters)
     gm._buffers.update(tree._buffers)

@@ -106,6 +106,28 @@ def _check_tensor_data(model: onnx.ModelProto, where: str) -> None:
                                  f"need {expected}", where=where)
 
 
+_KNOWN_TYPES = frozenset(onnx.TensorProto.DataType.values())
+
+
+def _check_value_types(graph: onnx.GraphProto, where: str) -> None:
+    """Every declared input, output and value_info (subgraphs too) has an element type onnx knows: onnx.checker
+    lets an unknown one through, and onnx-graphsurgeon fails on it with a bare KeyError."""
+    for info in list(graph.input) + list(graph.output) + list(graph.value_info):
+        kind = info.type
+        while kind.HasField("sequence_type") or kind.HasField("optional_type"):
+            kind = kind.sequence_type.elem_type if kind.HasField("sequence_type") else kind.optional_type.elem_type
+        field = "tensor_type" if kind.HasField("tensor_type") else \
+            "sparse_tensor_type" if kind.HasField("sparse_tensor_type") else None
+        elem = getattr(kind, field).elem_type if field else 0
+        if elem not in _KNOWN_TYPES:
+            raise ModelLoadError(f"value {info.name!r} is declared with element type {elem}, which this onnx "
+                                 f"{onnx.__version__} does not know", where=where)
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                _check_value_types(sub, f"{where}, node {node.name or node.op_type}")
+
+
 _UNSIZED_TYPES = {getattr(onnx.TensorProto, name) for name in ("STRING", "INT4", "UINT4", "FLOAT4E2M1")
                   if hasattr(onnx.TensorProto, name)}
 
@@ -149,6 +171,7 @@ def check_onnx(model: onnx.ModelProto, source=None) -> None:
                              f"{MIN_IR_VERSION}..{onnx.IR_VERSION})", where=where)
     _check_opset(model, where)
     _check_tensor_data(model, where)
+    _check_value_types(model.graph, where)
     try:
         onnx.checker.check_model(weightless_copy(model, keep_dims=False))
     except Exception as exc:  # ValidationError, and the C++ checker's other complaints
