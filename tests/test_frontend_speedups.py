@@ -291,8 +291,9 @@ def test_the_written_back_tree_keeps_the_model_mode_and_a_field_named_child(monk
 
     named = randomize_bn(Named().eval(), seed=1)
     before = {k: v.clone() for k, v in named.state_dict().items()}
-    with pytest.raises(rewrite.RewriteError, match="module 'meta'.*name of a field or method every GraphModule has"):
-        rewrite.apply(named, ["fold_bn"])
+    for given in ({}, {"example_inputs": torch.randn(1, 3, 8, 8)}):  # the shape pass built one too (a TypeError)
+        with pytest.raises(rewrite.RewriteError, match="module 'meta'.*name of a field or method every GraphModule"):
+            rewrite.apply(named, ["fold_bn"], **given)
     assert all(torch.equal(v, named.state_dict()[k]) for k, v in before.items())
 
 

@@ -11,6 +11,7 @@ from ..errors import RewriteError
 from ..ir import Graph
 from .capture import capture_module
 from .fx_emit import emit_graph_module
+from .fx_graph import check_attribute_names
 from .fx_import import FxImporter
 from .meta_shapes import record_meta_shapes
 from .param_folding import fold_parameter_expressions
@@ -108,6 +109,7 @@ def import_captured(root: torch.nn.Module, fx_graph: fx.Graph, inputs: tuple, mo
     """The IR of a captured graph: shapes recorded on the example inputs, parameter expressions folded."""
     module = root
     if inputs:
+        check_attribute_names({n.target.split(".")[0] for n in fx_graph.nodes if n.op in ("call_module", "get_attr")})
         gm = fx.GraphModule(module, fx_graph)
         _record_shapes(module, gm, inputs, model_name)
     folded = {}

@@ -24,7 +24,7 @@ from .fx_forms import emit_call, function_form
 from .fx_import import Attr, FxOrigin, In
 from .fx_internals import add_node
 from .fx_trace import MODULE_FIELDS
-from .fx_graph import WeaklyOwnedGraph
+from .fx_graph import WeaklyOwnedGraph, check_attribute_names
 
 _CONV_CLASSES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_T_CLASSES = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -294,12 +294,7 @@ def _adopt(tree: nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
     gm = fx.GraphModule(nn.Module(), empty, class_name=class_name)
     # plain attributes a node names (a script object, say) sit in the tree's own __dict__
     plain = {k: v for k, v in tree.__dict__.items() if k not in MODULE_FIELDS}
-    names = (*tree._modules, *tree._parameters, *tree._buffers, *plain)
-    clash = [name for name in names if name in gm.__dict__ or hasattr(type(gm), name)]
-    if clash:  # the generated forward would reach GraphModule's own field or method (`code`, `meta`), not it
-        raise RewriteError(f"cannot write the model back to torch.fx: its attribute '{clash[0]}' has the name of a "
-                           "field or method every GraphModule has; rename it, or rewrite the submodules below it",
-                           where=f"module '{clash[0]}'")
+    check_attribute_names((*tree._modules, *tree._parameters, *tree._buffers, *plain))
     if _registration_hooks():  # fx's copy registers each attribute through setattr, so such hooks see them
         gm = fx.GraphModule(tree, graph, class_name=class_name)
         gm.training = tree.training
