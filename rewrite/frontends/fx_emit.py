@@ -62,26 +62,18 @@ def _attach(parent: nn.Module, name: str, obj: Any) -> None:
     """setattr(parent, name, obj). A module goes straight into `parent._modules` when no other
     container holds the name and no global registration hook is set: what Module.__setattr__ ends in,
     without its checks (a fifth of writing back a ResNet went to them)."""
-    if isinstance(obj, nn.Module) and not _module_registration_hooks() and name not in parent.__dict__ \
+    if isinstance(obj, nn.Module) and not _registration_hooks(("module",)) and name not in parent.__dict__ \
             and name not in parent._parameters and name not in parent._buffers:
         parent._modules[name] = obj
     else:
         setattr(parent, name, obj)
 
 
-def _module_registration_hooks() -> bool:
+def _registration_hooks(kinds=("module", "parameter", "buffer")) -> bool:
+    """Any global hook on registering these kinds of attribute (it may replace what is registered)?"""
     from torch.nn.modules import module as module_impl
 
-    return bool(getattr(module_impl, "_global_module_registration_hooks", True))
-
-
-def _registration_hooks() -> bool:
-    """Any global hook on registering a module, parameter or buffer (it may replace what is registered)?"""
-    from torch.nn.modules import module as module_impl
-
-    return _module_registration_hooks() or any(
-        getattr(module_impl, name, True) for name in ("_global_parameter_registration_hooks",
-                                                     "_global_buffer_registration_hooks"))
+    return any(getattr(module_impl, f"_global_{kind}_registration_hooks", True) for kind in kinds)
 
 
 class _Staging:
@@ -289,9 +281,6 @@ def _adopt(tree: nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
     empty modules (left in training mode whatever the model's mode): the staging tree already holds
     exactly those attributes, so the GraphModule is made over an empty graph and takes the tree's
     contents as they are."""
-    empty = WeaklyOwnedGraph()
-    empty.output(None)
-    gm = fx.GraphModule(nn.Module(), empty, class_name=class_name)
     # plain attributes a node names (a script object, say) sit in the tree's own __dict__
     plain = {k: v for k, v in tree.__dict__.items() if k not in MODULE_FIELDS}
     check_attribute_names((*tree._modules, *tree._parameters, *tree._buffers, *plain))
@@ -299,6 +288,9 @@ def _adopt(tree: nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
         gm = fx.GraphModule(tree, graph, class_name=class_name)
         gm.training = tree.training
         return gm
+    empty = WeaklyOwnedGraph()
+    empty.output(None)
+    gm = fx.GraphModule(nn.Module(), empty, class_name=class_name)
     gm._modules.update(tree._modules)
     gm._parameters.update(tree._parameters)
     gm._buffers.update(tree._buffers)

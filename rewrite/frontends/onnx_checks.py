@@ -18,6 +18,11 @@ from ..errors import ModelLoadError
 _SKIP = {"raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"}  # numbers, not text
 
 
+def node_subgraphs(node) -> list:
+    """The graphs a node's attributes hold (an If's branches, a Loop's or Scan's body)."""
+    return [g for attr in node.attribute for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)]
+
+
 def _is_repeated(field) -> bool:
     repeated = getattr(field, "is_repeated", None)  # newer protobuf; `label` is gone from upb descriptors
     return repeated if repeated is not None else field.label == FieldDescriptor.LABEL_REPEATED

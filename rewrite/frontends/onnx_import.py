@@ -23,7 +23,7 @@ import torch
 from ..errors import ModelLoadError
 from ..ir import Graph, Node, Value, clamp_bound
 from . import onnx_weights, onnx_fold, onnx_forms
-from .onnx_checks import check_batch_norm_params, check_conv_channels
+from .onnx_checks import check_batch_norm_params, check_conv_channels, node_subgraphs
 
 
 @dataclass(frozen=True)
@@ -107,14 +107,12 @@ def subgraph_captures(proto: onnx.NodeProto) -> list[str]:
             for name in node.input:
                 if name and name not in defined:
                     found.setdefault(name, None)
-            for attr in node.attribute:
-                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                    walk(sub, defined)
+            for sub in node_subgraphs(node):
+                walk(sub, defined)
             defined.update(node.output)
 
-    for attr in proto.attribute:
-        for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-            walk(sub, set())
+    for sub in node_subgraphs(proto):
+        walk(sub, set())
     del walk  # it refers to itself through its closure: a cycle left for the collector
     return list(found)
 

@@ -14,7 +14,7 @@ import onnx
 
 from ..errors import ModelLoadError
 from ..files import atomic_write, first_line
-from .onnx_checks import _is_repeated, check_text
+from .onnx_checks import _is_repeated, check_text, node_subgraphs
 
 # Protobuf refuses to serialize a message of 2 GB or more; stay clearly below it.
 PROTOBUF_LIMIT = 2**31 - 2**20
@@ -123,9 +123,8 @@ def _check_value_types(graph: onnx.GraphProto, where: str) -> None:
             raise ModelLoadError(f"value {info.name!r} is declared with element type {elem}, which this onnx "
                                  f"{onnx.__version__} does not know", where=where)
     for node in graph.node:
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                _check_value_types(sub, f"{where}, node {node.name or node.op_type}")
+        for sub in node_subgraphs(node):
+            _check_value_types(sub, f"{where}, node {node.name or node.op_type}")
 
 
 _UNSIZED_TYPES = {getattr(onnx.TensorProto, name) for name in ("STRING", "INT4", "UINT4", "FLOAT4E2M1")

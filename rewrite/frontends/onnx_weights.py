@@ -26,6 +26,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import dtype_to_onnx
 
 from ..errors import ModelLoadError
 from ..files import first_line
+from .onnx_checks import node_subgraphs
 from .onnx_io import check_onnx, load_onnx
 
 # Tensors smaller than this are written by graphsurgeon as usual: stubbing them saves nothing.
@@ -144,10 +145,9 @@ def _tensors_outside_main_initializers(model: onnx.ModelProto):
 
     def subgraphs(graph: onnx.GraphProto):
         for node in graph.node:
-            for attr in node.attribute:
-                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                    yield sub
-                    yield from subgraphs(sub)
+            for sub in node_subgraphs(node):
+                yield sub
+                yield from subgraphs(sub)
 
     for sub in subgraphs(model.graph):
         yield from sub.initializer
