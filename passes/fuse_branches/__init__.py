@@ -16,6 +16,8 @@ position than the branches it replaces (a dense kernel for a depthwise branch, a
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from rewrite.ir import Graph, Node, Value
@@ -66,7 +68,7 @@ def _groups(branches: list[Branch]) -> list[list[Branch]]:
 def _main_branch(group: list[Branch]) -> Branch:
     """The weighted branch with the largest kernel: the merged conv is named after it."""
     weighted = [b for b in group if b.kind in WEIGHTED]
-    return max(weighted, key=lambda b: b.node.params["weight"][0].numel())
+    return max(weighted, key=lambda b: math.prod(b.node.params["weight"].shape[1:]))  # one row's size, no view
 
 
 def _merge_group(group: list[Branch], layout: Layout, shifts: list[torch.Tensor], allow: bool) -> KernelForm | str:
