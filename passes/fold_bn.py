@@ -251,12 +251,22 @@ def _unfoldable(bn) -> str:
         " (after a concat, only when every operand is a conv that nothing else reads)" if after_concat else "")
 
 
+def _kept_as_is(node) -> str | None:
+    """Why a BatchNormalization the ONNX frontend kept as the op it is (not a batch_norm) stays; None for
+    any other opaque node."""
+    if node.attrs.get("op_type") != "BatchNormalization" or node.attrs.get("domain"):
+        return None
+    why = node.attrs.get("unmapped") or "it is not an inference-mode BatchNormalization with constant statistics"
+    return f"{node.label} is kept as the ONNX op it is: {why}; a batch_norm folds only with known statistics"
+
+
 class FoldBnPass(RulePass):
-    """The folding rules, then a reason for every batch_norm left."""
+    """The folding rules, then a reason for every batch_norm left (and every BN op kept opaque)."""
 
     def run(self, graph, options=None):
         result = super().run(graph, options)
         account_for(graph, result, ["batch_norm"], "fold_bn", _unfoldable)
+        account_for(graph, result, ["opaque"], "fold_bn", _kept_as_is)
         return result
 
 

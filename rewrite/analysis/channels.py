@@ -176,9 +176,13 @@ class _Builder:
         for value in graph.inputs:
             self.default_space(value, "it is a model input", "<input>")
         for node in graph.nodes:
-            visit = getattr(self, f"_visit_{node.kind}", None) or \
-                (self._visit_pointwise if node.op.pointwise and node.op.evaluate else self._visit_other)
-            visit(node)
+            weight = node.params.get("weight")
+            if weight is not None and not weight.numel():  # valid ONNX: a layer of zero channels in or out
+                self._inputs_pinned(node, f"it flows into {_describe(node)}, whose weight has no elements")
+            else:
+                visit = getattr(self, f"_visit_{node.kind}", None) or \
+                    (self._visit_pointwise if node.op.pointwise and node.op.evaluate else self._visit_other)
+                visit(node)
             for out in node.outputs:  # anything a visitor did not explain is pinned
                 self.default_space(out, f"it is produced by {_describe(node)}, which cannot drop channels",
                                    node.label)

@@ -19,6 +19,7 @@ import torch
 from ..errors import RewriteError
 from ..ir import Graph, Node, Value, fresh_name
 from . import chain, onnx_fold, onnx_forms, onnx_weights
+from .onnx_arrays import numpy_type_of, to_numpy
 from .onnx_import import EMPTY, In, OnnxOrigin, Orig, untouched
 
 
@@ -75,7 +76,7 @@ class OnnxEmitter:
         self._plan_output_names()
         inputs = []
         for value in graph.inputs:
-            tensor = gs.Variable(value.name, dtype=_np_dtype(value.dtype), shape=_gs_shape(value.shape))
+            tensor = gs.Variable(value.name, dtype=numpy_type_of(value.dtype), shape=_gs_shape(value.shape))
             self.env[id(value)] = tensor
             inputs.append(tensor)
         for node in graph.nodes:
@@ -147,7 +148,7 @@ class OnnxEmitter:
                 name = self.fixed_names[id(value)]
             elif value is not None and name in self.graph.meta["onnx_output_names"]:
                 name = self.fresh_tensor_name(name)  # the output now comes from elsewhere
-            outs.append(gs.Variable(name, dtype=_np_dtype(value.dtype) if value is not None else None,
+            outs.append(gs.Variable(name, dtype=numpy_type_of(value.dtype) if value is not None else None,
                                     shape=_gs_shape(value.shape) if value is not None else None))
         proto = origin.proto
         gs_node = gs.Node(proto.op_type, self.node_name(proto.name, original=True) if proto.name else "", inputs=inputs,
@@ -188,7 +189,7 @@ class OnnxEmitter:
         outs = []
         for value in node.outputs:
             name = self.fixed_names.get(id(value)) or self.fresh_tensor_name(value.name or node.name)
-            outs.append(gs.Variable(name, dtype=_np_dtype(value.dtype), shape=_gs_shape(value.shape)))
+            outs.append(gs.Variable(name, dtype=numpy_type_of(value.dtype), shape=_gs_shape(value.shape)))
         if node.kind == "constant":
             const = self.constant(node, "value", node.params["value"])
             if id(node.output) in self.fixed_names:
@@ -199,7 +200,7 @@ class OnnxEmitter:
         return outs
 
     def constant(self, node: Node, suffix: str, tensor: torch.Tensor | np.ndarray) -> gs.Constant:
-        array = tensor.detach().cpu().numpy() if isinstance(tensor, torch.Tensor) else np.asarray(tensor)
+        array = to_numpy(tensor) if isinstance(tensor, torch.Tensor) else np.asarray(tensor)
         name, array = self.fresh_tensor_name(f"{node.name}.{suffix}"), np.ascontiguousarray(array)
         return onnx_weights.stub_constant(name, array, self.pending) or gs.Constant(name, array)
 
@@ -229,9 +230,14 @@ class OnnxEmitter:
             del target.metadata_props[:]
             target.metadata_props.extend(proto.metadata_props)
         present = {t.name for t in graph.initializer}
-        for name, tensor in self.outer_initializers.items():
+        # Initializers no node of the exported graph holds: those subgraphs capture, and the defaults of
+        # graph inputs that have one (the IR reads those as inputs; see overridable_initializers).
+        inputs = {v.name for v in self.graph.inputs}
+        defaults = {name: t for name, t in self.graph.meta.get("onnx_input_defaults", {}).items() if name in inputs}
+        for name, tensor in {**self.outer_initializers, **defaults}.items():
             if name not in present:
                 graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(tensor.values), name))
+                present.add(name)
         # Names, types and docs of the graph's inputs and outputs, exactly as they were.
         by_name = {i.name: i for i in original.graph.input}
         del graph.input[:]
@@ -309,13 +315,6 @@ def _all_tensor_names(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
-def _np_dtype(dtype: torch.dtype | None):
-    if dtype is None:
-        return None
-    try:
-        return torch.empty(0, dtype=dtype).numpy().dtype
-    except (TypeError, RuntimeError):
-        return None
 
 
 def _gs_shape(shape):
@@ -388,7 +387,7 @@ def _emit_chain(op_type: str):
 
 
 def _scalar_const(e: OnnxEmitter, node: Node, suffix: str, value: float) -> gs.Constant:
-    dtype = _np_dtype(node.inputs[0].dtype) or np.float32
+    dtype = numpy_type_of(node.inputs[0].dtype) or np.float32
     return gs.Constant(e.fresh_tensor_name(f"{node.name}.{suffix}"), np.array(value, dtype=dtype))
 
 

@@ -19,6 +19,8 @@ import onnx
 import onnx.reference
 import torch
 
+from .onnx_arrays import to_torch
+
 # Ops whose result is not a function of their inputs, or whose outputs are not plain tensors.
 _NOT_FOLDABLE = frozenset({
     "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
@@ -77,7 +79,7 @@ def static_shape_value(proto: onnx.NodeProto, shape) -> np.ndarray | None:
 
 
 def as_tensor(array: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.array(array))  # a private, writable copy
+    return to_torch(array)  # a private, writable copy
 
 
 def kept_folds(written: list) -> dict:

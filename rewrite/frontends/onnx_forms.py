@@ -14,6 +14,7 @@ import torch
 from ..errors import RewriteError
 from ..ir import Node, OpDef, OpDefinitionError, defined_ops
 from ..params import pad_border
+from .onnx_arrays import numpy_type_of
 
 
 def onnx_index() -> dict[str, OpDef]:
@@ -249,9 +250,7 @@ def _emit_slice(e, node, ins, outs):
 
 
 def _dtype_of(node: Node):
-    from .onnx_export import _np_dtype
-
-    return _np_dtype(node.inputs[0].dtype) or np.float32
+    return numpy_type_of(node.inputs[0].dtype) or np.float32
 
 
 EMITTERS = {"silu": _emit_silu, "hardsigmoid": _emit_hardsigmoid, "hardswish": _emit_hardswish, "gelu": _emit_gelu,

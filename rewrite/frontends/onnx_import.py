@@ -23,6 +23,7 @@ import torch
 from ..errors import ModelLoadError
 from ..ir import Graph, Node, Value, clamp_bound
 from . import onnx_weights, onnx_fold, onnx_forms
+from .onnx_arrays import to_numpy, to_torch, torch_type_of
 from .onnx_checks import check_batch_norm_params, check_conv_channels, node_subgraphs
 
 
@@ -84,14 +85,19 @@ def torch_dtype(dtype) -> torch.dtype | None:
     try:
         if isinstance(dtype, int):
             dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype)
-        return torch.from_numpy(np.empty(0, dtype=np.dtype(dtype))).dtype
     except (TypeError, KeyError, ValueError):
         return None
+    return torch_type_of(dtype)
 
 
-def to_torch(values) -> torch.Tensor:
-    array = np.array(values)  # a private copy: the model's own buffers are never shared
-    return torch.from_numpy(array)
+def overridable_initializers(model: onnx.ModelProto) -> list[str]:
+    """Initializers also listed as graph inputs, from IR 4 on: each is only the default of an input the
+    caller may feed (onnxruntime does not fold them either), so not a constant. IR 3 lists every
+    initializer as an input and means them as constants."""
+    if model.ir_version < 4 or not len(model.graph.input):
+        return []
+    names = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name in names]
 
 
 def subgraph_captures(proto: onnx.NodeProto) -> list[str]:
@@ -137,13 +143,14 @@ class OnnxImporter:
         # gs imports nodes in file order, so node i is the original model's node i.
         self.protos = list(model.graph.node)
         self._initializers: dict | None = None
+        self.overridable = overridable_initializers(model)  # graph inputs with a default: not constants
         self.forms = onnx_forms.onnx_index()  # op types of the ops defined with one (user ops included)
 
     def run(self) -> Graph:
         if len(self.gs_graph.nodes) != len(self.protos):
             raise ModelLoadError("onnx-graphsurgeon read a different number of nodes than the file holds",
                                  where=self.source)
-        for tensor in self.gs_graph.inputs:
+        for tensor in self._graph_inputs():
             value = self.graph.add_input(tensor.name, shape=_shape(tensor), dtype=torch_dtype(tensor.dtype))
             value.name = tensor.name
             self.env[tensor.name] = value
@@ -154,10 +161,20 @@ class OnnxImporter:
             outputs.append(self.value_of(tensor, f"graph output {tensor.name!r}"))
         self.graph.outputs = outputs
         self._drop_unread_folds()
+        tensors = self.gs_graph.tensors() if self.overridable else {}
         self.graph.meta.update(frontend="onnx", onnx_model=self.model, onnx_opset=self.opset,
+                               onnx_input_defaults={name: tensors[name] for name in self.overridable},
                                onnx_output_names=[t.name for t in self.gs_graph.outputs],
                                onnx_source=self.source, onnx_folded=self.folded, onnx_weights=self.weights)
         return self.graph
+
+    def _graph_inputs(self) -> list:
+        """gs's graph inputs, and the initializers that are inputs too (see overridable_initializers), in
+        the file's order."""
+        if not self.overridable:
+            return list(self.gs_graph.inputs)
+        tensors = self.gs_graph.tensors()
+        return [tensors[i.name] for i in self.model.graph.input if i.name in tensors]
 
     def _drop_unread_folds(self) -> None:
         """Folded constants read only as parameters are not nodes of the model (they are written back
@@ -174,22 +191,32 @@ class OnnxImporter:
         if value is not None:
             return value
         if isinstance(tensor, gs.Constant):
-            node = Node("constant", tensor.name, params={"value": self.initializer(tensor)})
+            array = self.initializer(tensor)
+            if array is None:  # no torch form (strings, int4): written back as it is, read by nothing here
+                node = Node("opaque", tensor.name, attrs={"op_type": "initializer", "domain": "", "pure": True,
+                                                          "call": f"initializer {tensor.name}", "nonnegative": False})
+            else:
+                node = Node("constant", tensor.name, params={"value": array})
             record(node, OnnxOrigin(None, tensor, [], [tensor.name]))
             self.graph.append(node)
             node.output.name = tensor.name
-            node.output.shape, node.output.dtype = tuple(node.params["value"].shape), node.params["value"].dtype
+            node.output.shape, node.output.dtype = _shape(tensor), torch_dtype(tensor.dtype)
             self.env[tensor.name] = node.output
             return node.output
         raise ModelLoadError(f"input {tensor.name!r} is neither a graph input, an initializer nor a node output",
                              where=f"{self.source}, {where}")
 
-    def initializer(self, tensor) -> torch.Tensor:
-        """One torch tensor per initializer, so every reader of a shared initializer holds the same object."""
+    def initializer(self, tensor) -> torch.Tensor | None:
+        """One torch tensor per initializer, so every reader of a shared initializer holds the same object;
+        None for one of a type torch does not have (see onnx_arrays)."""
         if tensor.name not in self.init_values:
             proto = self._initializer_protos().get(tensor.name)
-            # From the TensorProto itself: gs's `tensor.values` would keep a second copy cached in the gs graph.
-            self.init_values[tensor.name] = to_torch(tensor.values) if proto is None else self._read(proto)
+            try:
+                # From the TensorProto itself: gs's `tensor.values` would keep a second copy cached in the gs graph.
+                value = to_torch(tensor.values) if proto is None else self._read(proto)
+            except TypeError:
+                value = None
+            self.init_values[tensor.name] = value
         return self.init_values[tensor.name]
 
     def _initializer_protos(self) -> dict:
@@ -199,25 +226,38 @@ class OnnxImporter:
 
     def constant_of(self, tensor) -> torch.Tensor | None:
         """The tensor's value if it is a constant (initializer, Constant node, Identity of one)."""
-        if isinstance(tensor, gs.Constant):
+        if isinstance(tensor, gs.Constant) and tensor.name not in self.env:  # env: an input with a default
             return self.initializer(tensor)
         value = self.env.get(tensor.name)
         if value is not None and value.producer is not None and value.producer.kind == "constant":
             return value.producer.params["value"]
         return None
 
+    def why_not_constant(self, tensor, what: str) -> str:
+        """Why a handler keeps a node whose `what` is `tensor` and not a constant (quoted by the reports)."""
+        if tensor.name in self.overridable:
+            return (f"its {what} {tensor.name!r} is an initializer listed as a graph input too, so only the default "
+                    "of an input the caller may feed (IR 4 and later), not a constant")
+        if tensor.name in self.init_values and self.init_values[tensor.name] is None:
+            return f"its {what} {tensor.name!r} is of type {tensor.dtype}, which torch has no type for"
+        value = self.env.get(tensor.name)
+        if value is not None and value.producer is None:
+            return f"its {what} {tensor.name!r} is a graph input, not a constant"
+        maker = value.producer.label if value is not None and value.producer is not None else "?"
+        return f"its {what} {tensor.name!r} is computed (by {maker}), not a constant"
+
     def outer_initializer(self, name: str):
         """An initializer of the main graph read only inside subgraphs (gs does not list it)."""
         proto = self._initializer_protos().get(name)
         if proto is None:
             return None
-        return gs.Constant(name, self._read(proto).numpy())
+        return gs.Constant(name, to_numpy(self._read(proto)))
 
     def _read(self, proto: onnx.TensorProto) -> torch.Tensor:
         """An initializer's values in a tensor of their own; external data is read once, into it."""
         if self.weights is not None and proto.data_location == onnx.TensorProto.EXTERNAL:
-            return torch.from_numpy(self.weights.array(proto))
-        return to_torch(onnx.numpy_helper.to_array(proto))
+            return to_torch(self.weights.array(proto), copy=False)
+        return to_torch(onnx.numpy_helper.to_array(proto))  # a copy: to_array may view the proto's bytes
 
     def orig(self, tensor) -> Orig:
         """How an untouched node writes this input back: the original tensor, with its maker."""
@@ -482,11 +522,15 @@ def _transpose_pads(gs_node, kernel, stride, dilation, output_padding, where: st
     return tuple(pads)
 
 
-def _conv(imp: OnnxImporter, gs_node, proto) -> Node | None:
+def _conv(imp: OnnxImporter, gs_node, proto) -> Node | Unmapped | None:
     weight = imp.constant_of(gs_node.inputs[1]) if len(gs_node.inputs) > 1 else None
     b = _input(gs_node, 2)
     bias = imp.constant_of(b) if b is not None else None
-    if weight is None or weight.dim() < 3 or (b is not None and bias is None):
+    if len(gs_node.inputs) > 1 and weight is None:
+        return Unmapped(imp.why_not_constant(gs_node.inputs[1], "weight"))
+    if b is not None and bias is None:
+        return Unmapped(imp.why_not_constant(b, "bias"))
+    if weight is None or weight.dim() < 3:
         return None
     transpose = gs_node.op == "ConvTranspose"
     dims = weight.dim() - 2
@@ -521,17 +565,20 @@ def _conv(imp: OnnxImporter, gs_node, proto) -> Node | None:
 def _batch_norm(imp, gs_node, proto) -> Node | None:
     a = gs_node.attrs
     training = bool(a.get("training_mode", 0))
-    if len(gs_node.inputs) != 5 or (len(proto.output) != 1 and not training):
-        return None
+    if len(gs_node.inputs) != 5:
+        return Unmapped(f"it has {len(gs_node.inputs)} inputs, not the 5 of a BatchNormalization")
+    if len(proto.output) != 1 and not training:
+        return Unmapped(f"it has {len(proto.output)} outputs in inference mode (the statistics of old opsets too)")
     # Training mode (opset 14+) also outputs the updated statistics; kept as a batch_norm with
     # training=True and those outputs, so fold_bn can say why it leaves it alone.
     if imp.opset < 9 and not a.get("spatial", 1):
-        return None
+        return Unmapped("spatial=0 (opset 7-8): statistics per element, not per channel")
     if imp.opset < 7:
-        return None  # is_test / consumed_inputs semantics
+        return Unmapped(f"opset {imp.opset}'s is_test / consumed_inputs semantics are not read here")
     scale, shift, mean, var = (imp.constant_of(t) for t in gs_node.inputs[1:])
-    if any(t is None for t in (scale, shift, mean, var)):
-        return None
+    for t, value, what in zip(gs_node.inputs[1:], (scale, shift, mean, var), ("scale", "bias", "mean", "variance")):
+        if value is None:
+            return Unmapped(imp.why_not_constant(t, what))
     # epsilon is a float32 attribute; the runtime adds exactly that float32 value.
     attrs = {"eps": float(np.float32(a.get("epsilon", 1e-5))), "momentum": 1.0 - float(a.get("momentum", 0.9)),
              "training": training}
@@ -649,7 +696,10 @@ def _identity(imp, gs_node, proto) -> Node:
 def _constant(imp, gs_node, proto) -> Node | None:
     a = gs_node.attrs
     if "value" in a and isinstance(a["value"], gs.Constant):
-        value = to_torch(a["value"].values)
+        try:
+            value = to_torch(a["value"].values)
+        except TypeError:
+            return Unmapped(f"its value is of type {a['value'].dtype}, which torch has no type for")
     elif "value_float" in a:
         value = torch.tensor(a["value_float"], dtype=torch.float32)
     elif "value_floats" in a:
