@@ -252,12 +252,12 @@ def _unfoldable(bn) -> str:
 
 
 def _kept_as_is(node) -> str | None:
-    """Why a BatchNormalization the ONNX frontend kept as the op it is (not a batch_norm) stays; None for
-    any other opaque node."""
-    if node.attrs.get("op_type") != "BatchNormalization" or node.attrs.get("domain"):
+    """Why a BatchNorm module or ONNX BatchNormalization a frontend kept as the call it is (an opaque node,
+    not a batch_norm) stays; None for any other opaque node."""
+    if not node.attrs.get("is_batch_norm"):
         return None
-    why = node.attrs.get("unmapped") or "it is not an inference-mode BatchNormalization with constant statistics"
-    return f"{node.label} is kept as the ONNX op it is: {why}; a batch_norm folds only with known statistics"
+    why = node.attrs.get("unmapped") or "it is not an inference-mode batch norm with constant statistics"
+    return f"{node.label} is kept as the call it is: {why}; a batch_norm folds only as the plain op"
 
 
 class FoldBnPass(RulePass):

@@ -49,6 +49,8 @@ _APPLY_KEYWORDS = ("passes", "example_inputs", "verify", "return_report", "inpla
 
 def _checked_options(options: dict | None, passes: list[Pass]) -> dict:
     """Options keyed by the name of a pass of this call, each checked by its pass."""
+    if options is not None and not isinstance(options, dict):
+        raise PassError(f"options must be a dict of pass name -> its options, not {type(options).__name__}")
     options = dict(options or {})
     by_name = {p.name: p for p in passes}
     for name, given in options.items():
@@ -85,6 +87,8 @@ def _apply(model, passes, example_inputs, verify, return_report, inplace, option
     frontend = frontend_for(model)
     if isinstance(passes, (str, Pass, Rule)):
         passes = [passes]
+    if not isinstance(passes, (list, tuple)):
+        raise PassError(f"passes must be a pass name, a Pass or a list of them, not {type(passes).__name__}")
     pass_objects = [get_pass(p) for p in passes]
     options = _checked_options(options, pass_objects)
     unknown = [k for k in frontend_options if k not in frontend.options]

@@ -63,15 +63,22 @@ class Pass:
     name: str = "pass"
     description: str = ""
     options: dict[str, str] = {}
+    # The values an option takes, where it takes only some (a switch: (False, True)); checked like its name,
+    # so a "no" for a switch is an error, not a True that changes what the pass assumes.
+    option_values: dict[str, tuple] = {}
 
     def check_options(self, given: dict) -> None:
         if not isinstance(given, dict):
             raise PassError(f"options must be a dict of option -> value, not {type(given).__name__}",
                             where=f"pass {self.name}")
-        for key in given:
+        for key, value in given.items():
             if key not in self.options:
                 raise PassError(f"unknown option {key!r}{_near(key, self.options)}; "
                                 f"its options: {', '.join(self.options) or 'none'}", where=f"pass {self.name}")
+            allowed = self.option_values.get(key)
+            if allowed is not None and not any(type(value) is type(a) and value == a for a in allowed):
+                raise PassError(f"option {key!r} takes {' or '.join(map(repr, allowed))}, not {value!r}",
+                                where=f"pass {self.name}")
 
     def run(self, graph: Graph, options: dict | None = None) -> PassResult:
         raise NotImplementedError
@@ -87,7 +94,7 @@ class RulePass(Pass):
     """
 
     def __init__(self, name: str, rules: Iterable[Rule], description: str = "", max_rewrites_per_node: int = 8,
-                 options: dict[str, str] | None = None):
+                 options: dict[str, str] | None = None, option_values: dict[str, tuple] | None = None):
         self.name = name
         self.rules = list(rules)
         for r in self.rules:
@@ -95,6 +102,7 @@ class RulePass(Pass):
                 raise PassError(f"a RulePass takes Rules (made with @rule), not {type(r).__name__}", where=f"pass {name}")
         self.description = description
         self.options = dict(options or {})
+        self.option_values = dict(option_values or {})
         self.max_rewrites_per_node = max_rewrites_per_node
         self._by_kind: dict[str, list[Rule]] = defaultdict(list)
         for r in self.rules:

@@ -288,7 +288,11 @@ class TorchReference:
         if not self.inputs:
             raise RewriteError("verification of a torch model needs example_inputs")
         self.tolerance = tolerance
-        self.outputs = _run(original, self.inputs)
+        try:
+            self.outputs = _run(original, self.inputs)
+        except Exception as exc:  # the user's model on the user's inputs: bad input, said as such
+            raise RewriteError(f"the original model does not run on the example inputs "
+                               f"({len(self.inputs)} given): {_failure(exc)}", where="example_inputs") from exc
         self.high = None
         self.reference_name = "original"
         if tolerance is None and _floating_below_64(self.outputs):

@@ -324,6 +324,7 @@ class FuseBranchesPass(Pass):
     description = ("merge parallel, concatenated and cascaded linear branches (RepVGG, ACNet, DBB, MobileOne, "
                    "ExpandNets) into one conv, folding BatchNorm on the way")
     options = {"allow_costlier": "also merge when the fused kernel costs more multiply-adds than the branches"}
+    option_values = {"allow_costlier": (False, True)}
 
     def __init__(self):
         # drop_zero_addend after fuse_parallel_branches: a sum's outer `+ 0` (MobileOne's `out += 0`) is where

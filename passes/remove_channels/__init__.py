@@ -155,7 +155,35 @@ class Decision:
                           + (" (a residual add keeps a channel unless it is dead in every operand)"
                              if kind == "add" else ""))
                 out[(label, tensor_name(sp.value), reason)] += len(idx)
+        # What is left met the varying channel away from any node's input-to-output edge: through the groups
+        # of a grouped conv (a depthwise conv's outputs go with the input of their group), say.
+        left = constant_kept & ~noted
+        if bool(left.any()):
+            classes = torch.unique(self.labels[left])
+            for (a, _), label in zip(self.cg.pairs, self.cg.pair_nodes):
+                node = nodes.get(label)
+                groups = node.attrs.get("groups", 1) if node is not None else 1
+                if groups <= 1 or not bool(torch.isin(self.labels[a], classes).any()):
+                    continue
+                here = (left & torch.isin(self.labels, torch.unique(self.labels[a]))).nonzero().flatten()
+                left[here] = False
+                self._name_by_tensor(out, by_offset, starts, here, label,
+                                     f"it shares a group of {node.kind} {label} ({groups} groups) with a channel that "
+                                     "varies, and a grouped conv loses whole groups only")
+            self._name_by_tensor(out, by_offset, starts, left.nonzero().flatten(), "",
+                                 "it is coupled to a channel that varies")
         return out
+
+    @staticmethod
+    def _name_by_tensor(out: Counter, by_offset, starts, idx: torch.Tensor, label: str, reason: str) -> None:
+        """Count the channels `idx` under `reason`, by the first tensor they are in (the later ones are the
+        same channels, carried on through BN, ReLU, ...)."""
+        if not len(idx):
+            return
+        owners = torch.searchsorted(starts, idx, right=True) - 1
+        first = int(owners.min())
+        sp = by_offset[first]
+        out[(label or tensor_name(sp.value), tensor_name(sp.value), reason)] += int((owners == first).sum())
 
     def groups(self) -> list[dict]:
         """The dependency groups (networkx components of coupled tensors) that lost channels."""

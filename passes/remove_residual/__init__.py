@@ -25,7 +25,7 @@ from rewrite.pattern import P
 from rewrite.rule import rule
 from rewrite.sites import account_for
 
-from .channel_concat import merge_sliced_concat
+from .channel_concat import merge_sliced_concat, unmerged_concat
 from .residual_build import BlockBuilder, Signals
 from .residual_site import ResidualSite, SiteRefusal, block_input, find_site
 
@@ -103,6 +103,7 @@ class RemoveResidualPass(RulePass):
         options[_STATE] = state
         result = super().run(graph, options)
         account_for(graph, result, ["add"], self.name, _no_residual)
+        account_for(graph, result, ["concat"], self.name, unmerged_concat)
         sites = state["sites"]
         result.notes["sites"] = sites
         if sites:
@@ -166,4 +167,5 @@ remove_residual = register_pass(RemoveResidualPass(
     options={"signed": "'split' (default: a signed input as relu(x), relu(-x)) or 'clamp' (C channels, "
                        "per-channel clamps)",
              "nonnegative_inputs": "trust the graph inputs to be >= 0 (images in [0, 1])"},
+    option_values={"signed": ("split", "clamp"), "nonnegative_inputs": (False, True)},
 ))

@@ -75,3 +75,27 @@ def merge_sliced_concat(ctx, concat):
     out = ctx.op("conv", x, params=params, name=first.name, like=concat.output, named_after=first,
                  **{k: first.attrs[k] for k in _GEOMETRY})
     return out
+
+
+def unmerged_concat(concat) -> str | None:
+    """Why a channel concat of convs of x and other operands of x is left (the report's reason); None when
+    it is no such concat (a concat of unrelated values, or of convs only: fuse_branches' construct)."""
+    if not _channel_concat(concat):
+        return None
+    producers = [v.producer for v in concat.inputs]
+    convs = [p for p in producers if p is not None and p.kind == "conv"]
+    after_bn = [p for p in producers if p is not None and p.kind == "batch_norm"
+                and p.inputs[0].producer is not None and p.inputs[0].producer.kind == "conv"]
+    sources = {id(c.inputs[0]) for c in convs} | {id(b.inputs[0].producer.inputs[0]) for b in after_bn}
+    others = [(v, p) for v, p in zip(concat.inputs, producers) if p not in convs and p not in after_bn]
+    if not sources or not others or not any(id(v) in sources or (p is not None and any(id(i) in sources
+                                                                                    for i in p.inputs))
+                                            for v, p in others):
+        return None
+    if after_bn:
+        return (f"{after_bn[0].label} sits between {after_bn[0].inputs[0].producer.label} and {concat.label}: run "
+                "fold_bn first, so that the concat reads the conv itself")
+    described = [("the input itself" if p is None or id(v) in sources else f"{p.describe()}") for v, p in others
+                 if not (p is not None and channel_slice(p))]
+    return (f"{concat.label} concatenates its convs' input with {', '.join(described[:3]) or 'other values'}: only "
+            "contiguous channel slices x[:, a:b] of that input (step 1) beside convs of it become one conv")

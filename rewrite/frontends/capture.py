@@ -16,6 +16,7 @@ import torch.fx as fx
 from ..errors import RewriteError, TraceError
 from .export_capture import export_program, program_graph
 from .fx_trace import trace
+from .module_calls import own_code
 
 CAPTURES = ("auto", "fx", "export")
 
@@ -41,6 +42,8 @@ def check_capture(capture: Any) -> str:
 def capture_module(module: torch.nn.Module, example_inputs: tuple, capture: str = "auto",
                    concrete_args: dict | None = None, leaf_modules: Iterable = ()) -> Captured:
     check_capture(capture)
+    leaf_modules = _checked_leaves(leaf_modules)
+    _check_root_call(module)
     if capture == "export":
         if not example_inputs:
             raise RewriteError("capture='export' needs example_inputs (torch.export runs the model on them)")
@@ -60,6 +63,28 @@ def capture_module(module: torch.nn.Module, example_inputs: tuple, capture: str 
             raise TraceError("neither capture path can take this model\n"
                              f"  symbolic_trace: {_indented(fx_error)}\n"
                              f"  torch.export: {_indented(export_error)}", where=fx_error.where) from None
+
+
+def _checked_leaves(leaf_modules) -> tuple:
+    """leaf_modules as a tuple of module classes and qualified names (one of them alone is taken too)."""
+    if isinstance(leaf_modules, (str, type)):
+        leaf_modules = (leaf_modules,)
+    if not isinstance(leaf_modules, (list, tuple, set, frozenset)) or \
+            not all(isinstance(leaf, str) or (isinstance(leaf, type) and issubclass(leaf, torch.nn.Module))
+                    for leaf in leaf_modules):
+        raise RewriteError(f"leaf_modules must list nn.Module classes or module paths, not {leaf_modules!r}",
+                           where="leaf_modules")
+    return tuple(leaf_modules)
+
+
+def _check_root_call(module: torch.nn.Module) -> None:
+    """A graph is captured from the model's forward: hooks on the model itself (or a forward set on the
+    instance) would not be in it, and the result would silently compute something else."""
+    why = own_code(module, global_hooks=False)
+    if why:
+        raise TraceError(f"cannot capture module '<root>' ({type(module).__name__}): {why}, which a captured "
+                         "graph would leave out\n  try: remove them before rewriting and register them on the "
+                         "result, or rewrite the submodule they wrap", where="module '<root>'")
 
 
 def _exported(module: torch.nn.Module, example_inputs: tuple, note: str) -> Captured:

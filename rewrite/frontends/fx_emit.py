@@ -200,9 +200,10 @@ class FxEmitter:
     def run(self) -> fx.GraphModule:
         graph = self.graph
         graph.topological_sort()
-        for node in graph.nodes:
-            if _from_origin(node) and node.origin.op in ("call_module", "get_attr"):
-                self.staging.reserve(node.origin.target)
+        for node in graph.nodes:  # what untouched nodes read keeps its path; new modules go elsewhere
+            if _from_origin(node):
+                for path in _original_paths(node.origin):
+                    self.staging.reserve(path)
         for value, (target, default) in zip(graph.inputs, graph.meta["fx_placeholders"]):
             self.env[id(value)] = self.fx_graph.placeholder(target, default_value=default)
         for node in graph.nodes:
@@ -300,6 +301,15 @@ def _adopt(tree: nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
     gm.training = tree.training
     gm.graph = graph  # generates and compiles forward
     return gm
+
+
+def _original_paths(origin: FxOrigin) -> list[str]:
+    """The root's attributes an untouched node reads: its module or attribute, and those its arguments
+    get (F.conv2d(x, self.c.weight): a conv folded in place of `c` must not take `c.weight`'s path)."""
+    paths = [origin.target] if origin.op in ("call_module", "get_attr") else []
+    for args in (origin.args, origin.kwargs):
+        fx.node.map_aggregate(args, lambda a: paths.append(a.target) if isinstance(a, Attr) else None)
+    return paths
 
 
 def _from_origin(node: Node) -> bool:

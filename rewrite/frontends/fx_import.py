@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..ir import Graph, Node, OpDefinitionError, Value, clamp_bound
 from .fx_forms import FxForms, bind_call, function_form, module_parts
-from .module_calls import runs_class_forward
+from .module_calls import own_code, runs_class_forward
 from .param_folding import pure_call
 from .scatter_forms import pad_per_channel
 from .trace_shortcuts import plain_batch_norm
@@ -318,6 +318,12 @@ class FxImporter:
         node.attrs["pure"] = _is_pure_call(fx_node)
         node.attrs["call"] = getattr(fx_node.target, "__name__", str(fx_node.target))
         node.attrs["nonnegative"] = _is_nonnegative_call(fx_node)
+        if fx_node.op == "call_module":  # a stock module kept opaque: the reports of its sites say why
+            module = self._module(fx_node.target)
+            node.attrs["is_batch_norm"] = isinstance(module, nn.modules.batchnorm._BatchNorm)
+            why = own_code(module)
+            if why:
+                node.attrs["unmapped"] = why
         node.origin = FxOrigin(fx_node.op, fx_node.target, args, kwargs, fx_node.name)
         return self._finish(node, fx_node)
 

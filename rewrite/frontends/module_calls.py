@@ -30,3 +30,16 @@ def runs_class_forward(module: torch.nn.Module) -> bool:
         if getattr(module, name, None):
             return False
     return not global_hooks_set()
+
+
+def own_code(module: torch.nn.Module, global_hooks: bool = True) -> str | None:
+    """What runs when `module` is called besides its class's forward, said for a report; None if nothing.
+    global_hooks=False leaves out the hooks registered for every module (they run on a rewritten model too)."""
+    if "forward" in module.__dict__:
+        return "a forward set on the instance replaces its class's"
+    hooks = [name.strip("_").replace("_", " ") for name in _OWN_HOOKS if getattr(module, name, None)]
+    if hooks:
+        return f"its {', '.join(hooks)} run code of their own around forward"
+    if global_hooks and global_hooks_set():
+        return "a global module hook runs code of its own around every call"
+    return None

@@ -384,7 +384,7 @@ class OnnxImporter:
         pure = (proto.domain or "") in ("", "ai.onnx") and not captures
         call = f"{proto.domain}.{proto.op_type}" if proto.domain else proto.op_type
         attrs = {"op_type": proto.op_type, "domain": proto.domain, "pure": pure, "call": call,
-                 "nonnegative": call in _NONNEG_OP_TYPES}
+                 "nonnegative": call in _NONNEG_OP_TYPES, "is_batch_norm": call == "BatchNormalization"}
         if unmapped:
             attrs["unmapped"] = unmapped  # read by the reports of the sites next to it
         node = self.make("opaque", gs_node, proto, inputs, slots, attrs, num_outputs=len(gs_node.outputs))

@@ -1,0 +1,201 @@
+"""Module code as people write it, found by an adversarial review: each case was silently wrong, silent in
+the report, or a raw exception before its fix."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import rewrite
+from rewrite.errors import PassError, RewriteError, TraceError
+from rewrite.testing import randomize_bn
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / a.abs().max())
+
+
+class ConvReadTwice(nn.Module):
+    """The conv's weight is also read by a functional call: the fold must not change what that call reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.b(self.c(x)) + F.conv2d(x, self.c.weight, padding=1)
+
+
+class LinearReadTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l, self.b = nn.Linear(4, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.b(self.l(x)) + F.linear(x, self.l.weight)
+
+
+@pytest.mark.parametrize("cls, shape", [(ConvReadTwice, (2, 4, 9, 9)), (LinearReadTwice, (3, 4))])
+def test_a_weight_read_elsewhere_keeps_its_value_for_that_reader(cls, shape):
+    model = randomize_bn(cls(), seed=1).eval()
+    x = torch.randn(*shape)
+    # A linear's input rank is known only from an example input.
+    out, report = rewrite.apply(model, ["fold_bn"], example_inputs=x, return_report=True)
+    assert sum(report["fold_bn"].result.counts.values()) == 1
+    with torch.no_grad():
+        assert _rel(model(x), out(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("how", ["forward_hook", "forward_pre_hook", "instance_forward"])
+def test_code_around_the_models_own_forward_is_refused_not_dropped(how):
+    model = nn.Sequential(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)).eval()
+    if how == "forward_hook":
+        model.register_forward_hook(lambda m, i, o: o * 2)
+    elif how == "forward_pre_hook":
+        model.register_forward_pre_hook(lambda m, i: (i[0] * 2,))
+    else:
+        model.forward = lambda x: nn.Sequential.forward(model, x) * 2
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TraceError, match="<root>"):
+        rewrite.apply(model, ["fold_bn"], example_inputs=torch.randn(1, 4, 8, 8))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("how, words", [("forward_hook", "forward hooks"), ("instance_forward", "set on the instance")])
+def test_a_batch_norm_with_code_of_its_own_is_left_with_the_reason(how, words):
+    model = nn.Sequential(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)).eval()
+    if how == "forward_hook":
+        model[1].register_forward_hook(lambda m, i, o: o + 1)
+    else:
+        forward = model[1].forward
+        model[1].forward = lambda t: forward(t) + 1
+    x = torch.randn(2, 4, 9, 9)
+    out, report = rewrite.apply(model, ["fold_bn"], return_report=True)
+    refused = report["fold_bn"].result.refused
+    assert len(refused) == 1 and words in refused[0].reason, refused
+    with torch.no_grad():
+        assert _rel(model(x), out(x)) <= 1e-5
+
+
+def _residual_block():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.b1 = nn.Conv2d(4, 4, 3, 1, 1, bias=False), nn.BatchNorm2d(4)
+            self.c2, self.b2 = nn.Conv2d(4, 4, 3, 1, 1, bias=False), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return F.relu(self.b2(self.c2(F.relu(self.b1(self.c1(x))))) + x)
+    return Block().eval()
+
+
+@pytest.mark.parametrize("passes, option, value", [
+    (["remove_residual"], "nonnegative_inputs", "no"), (["remove_residual"], "nonnegative_inputs", 0),
+    (["remove_residual"], "signed", "splt"), (["fuse_branches"], "allow_costlier", "yes")])
+def test_an_option_value_it_does_not_take_is_an_error(passes, option, value):
+    with pytest.raises(PassError, match=repr(option)):
+        rewrite.apply(_residual_block(), passes, example_inputs=torch.randn(1, 4, 8, 8),
+                      options={passes[0]: {option: value}})
+
+
+def test_the_switch_itself_still_works():
+    model, x = _residual_block(), torch.randn(2, 4, 10, 10)
+    out = rewrite.apply(model, ["remove_residual"], example_inputs=x,
+                        options={"remove_residual": {"nonnegative_inputs": False}})
+    with torch.no_grad():
+        assert _rel(model(x), out(x)) <= 1e-5
+
+
+class FakeQuantConv(nn.Module):
+    """Weights put on an integer grid with float32's own rounding, the round-to-nearest trick."""
+
+    MAGIC = 1.5 * 2**23
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4, 3, 3))
+        self.register_buffer("scale", torch.tensor(0.25))
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        q = (self.weight / self.scale + self.MAGIC) - self.MAGIC
+        return self.bn(F.conv2d(x, q * self.scale, padding=1))
+
+
+@pytest.mark.parametrize("passes", [["cleanup"], ["fold_bn"]])
+def test_a_parameter_expression_whose_float32_rounding_is_the_point_keeps_it(passes):
+    model = randomize_bn(FakeQuantConv(), seed=2).eval()
+    x = torch.randn(2, 4, 9, 9)
+    out = rewrite.apply(model, passes)
+    with torch.no_grad():
+        assert _rel(model(x), out(x)) <= 1e-5
+
+
+def test_a_well_conditioned_parameter_expression_still_gets_the_correctly_rounded_value():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(8, 4, 3, 3))
+            self.gain = nn.Parameter(torch.rand(8, 1, 1, 1) + 0.5)
+
+        def forward(self, x):
+            return F.conv2d(x, (self.weight * self.gain) / 3.0)
+
+    model = Scaled().eval()
+    out = rewrite.apply(model, ["cleanup"])
+    folded = [t for name, t in out.state_dict().items() if tuple(t.shape) == (8, 4, 3, 3)]
+    exact = ((model.weight.double() * model.gain.double()) / 3.0).float()
+    assert any(torch.equal(t, exact) for t in folded)
+
+
+@pytest.mark.parametrize("call", [
+    lambda m, x: rewrite.apply(m, None),
+    lambda m, x: rewrite.apply(m, ["fold_bn"], options=[1]),
+    lambda m, x: rewrite.apply(m, ["fold_bn"], leaf_modules=3),
+    lambda m, x: rewrite.apply(m, ["fold_bn"], example_inputs=(x, x), verify=True),
+], ids=["passes_none", "options_list", "leaf_modules_int", "too_many_inputs"])
+def test_bad_arguments_are_rewrite_errors(call):
+    model = nn.Sequential(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)).eval()
+    with pytest.raises(RewriteError):
+        call(model, torch.randn(2, 4, 9, 9))
+
+
+def test_a_dead_channel_kept_with_its_live_group_mate_is_in_the_report():
+    class DepthwiseTimesTwo(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.b1 = nn.Conv2d(4, 8, 1), nn.BatchNorm2d(8)
+            self.dw, self.b2 = nn.Conv2d(8, 16, 3, padding=1, groups=8), nn.BatchNorm2d(16)
+            self.c3 = nn.Conv2d(16, 3, 1)
+
+        def forward(self, x):
+            return self.c3(F.relu(self.b2(self.dw(F.relu(self.b1(self.c1(x)))))))
+
+    model = DepthwiseTimesTwo().eval()
+    with torch.no_grad():
+        model.b2.weight[2], model.b2.bias[2] = 0.0, -0.5  # always 0 after the ReLU; channel 3 of its group lives
+    x = torch.randn(2, 4, 10, 10)
+    out, report = rewrite.apply(model, ["remove_channels"], example_inputs=x, return_report=True)
+    reasons = [r.reason for r in report["remove_channels"].result.refused]
+    assert any("1 dead channel(s) of b2 kept" in r and "group" in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("form, words", [
+    (lambda m, x: torch.cat([x, m.c(x)], 1), "the input itself"),
+    (lambda m, x: torch.cat([x[:, 0:4:2], m.c(x)], 1), "only contiguous channel slices"),
+    (lambda m, x: torch.cat([x[:, 0:4], m.bn(m.c(x))], 1), "run fold_bn first"),
+])
+def test_a_channel_concat_beside_a_conv_that_is_not_merged_says_why(form, words):
+    class Concat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.bn = nn.Conv2d(8, 6, 3, 1, 1), nn.BatchNorm2d(6)
+
+        def forward(self, x):
+            return form(self, x)
+
+    x = torch.randn(2, 8, 10, 10)
+    _, report = rewrite.apply(Concat().eval(), ["remove_residual"], example_inputs=x, return_report=True)
+    reasons = [r.reason for r in report["remove_residual"].result.refused]
+    assert len(reasons) == 1 and words in reasons[0], reasons
