@@ -62,6 +62,30 @@ def test_code_around_the_models_own_forward_is_refused_not_dropped(how):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("register", [nn.Module.register_full_backward_hook, nn.Module.register_backward_hook,
+                                      nn.Module.register_full_backward_pre_hook])
+def test_backward_hooks_on_the_model_are_not_a_refusal_and_the_report_says_they_are_left(register):
+    model = randomize_bn(nn.Sequential(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)), seed=2).eval()
+    register(model, lambda module, *grads: None)
+    x = torch.randn(2, 4, 9, 9)
+    out, report = rewrite.apply(model, ["fold_bn"], example_inputs=x, return_report=True)
+    assert report["fold_bn"].result.counts == {"fold_bn_into_conv": 1}
+    assert "backward hooks are not on the result" in report.capture
+    with torch.no_grad():
+        assert _rel(model(x), out(x)) <= 1e-5
+
+
+def test_a_torch_compiled_model_is_rewritten_through_the_module_it_wraps():
+    model = randomize_bn(nn.Sequential(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)), seed=3).eval()
+    compiled = torch.compile(model)  # compiles lazily, on its first call: the test never calls it
+    x = torch.randn(2, 4, 9, 9)
+    out, report = rewrite.apply(compiled, ["fold_bn"], example_inputs=x, verify=True, return_report=True)
+    assert report["fold_bn"].result.counts == {"fold_bn_into_conv": 1}
+    assert "torch.compile" in report.capture and not isinstance(out, type(compiled))
+    with torch.no_grad():
+        assert _rel(model(x), out(x)) <= 1e-5
+
+
 @pytest.mark.parametrize("how, words", [("forward_hook", "forward hooks"), ("instance_forward", "set on the instance")])
 def test_a_batch_norm_with_code_of_its_own_is_left_with_the_reason(how, words):
     model = nn.Sequential(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)).eval()

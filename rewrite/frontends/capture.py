@@ -49,7 +49,7 @@ def capture_module(module: torch.nn.Module, example_inputs: tuple, capture: str 
             raise RewriteError("capture='export' needs example_inputs (torch.export runs the model on them)")
         return _exported(module, example_inputs, "torch.export (capture='export')")
     try:
-        return Captured(module, trace(module, concrete_args, leaf_modules), "fx")
+        return Captured(module, trace(module, concrete_args, leaf_modules), "fx", _backward_hooks_note(module))
     except TraceError as fx_error:
         if capture == "fx":
             raise
@@ -78,19 +78,27 @@ def _checked_leaves(leaf_modules) -> tuple:
 
 
 def _check_root_call(module: torch.nn.Module) -> None:
-    """A graph is captured from the model's forward: hooks on the model itself (or a forward set on the
-    instance) would not be in it, and the result would silently compute something else."""
-    why = own_code(module, global_hooks=False)
+    """A graph is captured from the model's forward: forward hooks on the model itself (or a forward set on
+    the instance) would not be in it, and the result would silently compute something else."""
+    why = own_code(module, global_hooks=False, backward=False)
     if why:
         raise TraceError(f"cannot capture module '<root>' ({type(module).__name__}): {why}, which a captured "
                          "graph would leave out\n  try: remove them before rewriting and register them on the "
                          "result, or rewrite the submodule they wrap", where="module '<root>'")
 
 
+def _backward_hooks_note(module: torch.nn.Module) -> str:
+    """Backward hooks on the model change no output; the rewritten model does not carry them, which the
+    report says."""
+    if own_code(module, global_hooks=False) and not own_code(module, global_hooks=False, backward=False):
+        return "the model's own backward hooks are not on the result (register them on it again if wanted)"
+    return ""
+
+
 def _exported(module: torch.nn.Module, example_inputs: tuple, note: str) -> Captured:
     program = export_program(module, example_inputs)
     root, graph = program_graph(program)
-    return Captured(root, graph, "export", note)
+    return Captured(root, graph, "export", "; ".join(filter(None, (note, _backward_hooks_note(module)))))
 
 
 def _body(error: RewriteError) -> str:

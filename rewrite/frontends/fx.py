@@ -14,6 +14,7 @@ from .fx_emit import emit_graph_module
 from .fx_graph import check_attribute_names
 from .fx_import import FxImporter
 from .meta_shapes import record_meta_shapes
+from .module_calls import compiled_original
 from .param_folding import fold_parameter_expressions
 from .scatter_forms import rewrite_scatters
 
@@ -97,10 +98,11 @@ def import_module(module: torch.nn.Module, example_inputs=None, concrete_args: d
     if not isinstance(module, torch.nn.Module):
         raise RewriteError(f"expected an nn.Module, got {type(module).__name__}")
     inputs = as_tuple(example_inputs)
+    module, unwrapped = compiled_original(module)
     captured = capture_module(module, inputs, capture, concrete_args, leaf_modules)
     graph = import_captured(captured.root, captured.graph, inputs, model_name=type(module).__name__, fold=fold)
     graph.meta["capture"] = captured.how
-    graph.meta["capture_note"] = captured.note
+    graph.meta["capture_note"] = "; ".join(filter(None, (unwrapped, captured.note)))
     return graph
 
 

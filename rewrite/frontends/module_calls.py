@@ -11,7 +11,8 @@ from torch.nn.modules import module as module_globals
 
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
                  "_global_backward_pre_hooks")
-_OWN_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_OWN_FORWARD_HOOKS = ("_forward_hooks", "_forward_pre_hooks")
+_OWN_HOOKS = _OWN_FORWARD_HOOKS + ("_backward_hooks", "_backward_pre_hooks")
 
 
 def global_hooks_set() -> bool:
@@ -32,14 +33,26 @@ def runs_class_forward(module: torch.nn.Module) -> bool:
     return not global_hooks_set()
 
 
-def own_code(module: torch.nn.Module, global_hooks: bool = True) -> str | None:
+def own_code(module: torch.nn.Module, global_hooks: bool = True, backward: bool = True) -> str | None:
     """What runs when `module` is called besides its class's forward, said for a report; None if nothing.
-    global_hooks=False leaves out the hooks registered for every module (they run on a rewritten model too)."""
+    global_hooks=False leaves out the hooks registered for every module (they run on a rewritten model too);
+    backward=False the backward hooks (they change no output)."""
     if "forward" in module.__dict__:
         return "a forward set on the instance replaces its class's"
-    hooks = [name.strip("_").replace("_", " ") for name in _OWN_HOOKS if getattr(module, name, None)]
+    names = _OWN_HOOKS if backward else _OWN_FORWARD_HOOKS
+    hooks = [name.strip("_").replace("_", " ") for name in names if getattr(module, name, None)]
     if hooks:
         return f"its {', '.join(hooks)} run code of their own around forward"
     if global_hooks and global_hooks_set():
         return "a global module hook runs code of its own around every call"
     return None
+
+
+def compiled_original(module: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+    """The module a torch.compile wrapper (OptimizedModule) runs, and a note saying so; else (module, "").
+    The wrapper's forward is set on its instance, so it cannot be captured itself; the module it wraps
+    computes the same outputs, and its rewrite can be compiled again."""
+    original = getattr(module, "_orig_mod", None)
+    if type(module).__name__ == "OptimizedModule" and isinstance(original, torch.nn.Module):
+        return original, "the torch.compile wrapper's module was rewritten (compile the result again if wanted)"
+    return module, ""
