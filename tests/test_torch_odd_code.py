@@ -156,6 +156,47 @@ def test_a_parameter_expression_whose_float32_rounding_is_the_point_keeps_it(pas
         assert _rel(model(x), out(x)) <= 1e-5
 
 
+class HalfFakeQuantConv(nn.Module):
+    """The same trick in float16 / bfloat16 (magic 1.5 * 2**mantissa bits): a coarse grid, whose step is far
+    above a bound taken relative to the largest weight."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.magic = 1.5 / torch.finfo(dtype).eps  # 1.5 * 2**mantissa bits
+        self.weight = nn.Parameter((torch.randn(8, 4, 3, 3) * 0.05).to(dtype))
+        self.register_buffer("scale", torch.tensor(1 / 512, dtype=dtype))  # a power of two: q * scale is exact
+
+    def grid_weight(self) -> torch.Tensor:
+        return ((self.weight / self.scale + self.magic) - self.magic) * self.scale
+
+    def forward(self, x):
+        return F.conv2d(x, self.grid_weight())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_fake_quantizer_keeps_the_models_grid(dtype):
+    torch.manual_seed(4)
+    model = HalfFakeQuantConv(dtype).eval()
+    out = rewrite.apply(model, ["cleanup"])
+    with torch.no_grad():
+        folded = [t for t in out.state_dict().values() if t.shape == model.weight.shape]
+        assert len(folded) == 1 and torch.equal(folded[0], model.grid_weight())
+
+
+def test_a_float32_fake_quantizer_with_small_channels_keeps_their_grid():
+    model = FakeQuantConv()
+    with torch.no_grad():  # one coarse channel, whose largest weight a bound relative to the maximum would take
+        model.scale = torch.tensor([1.0, 1e-5, 1e-5, 1e-5]).view(4, 1, 1, 1)
+        model.weight.mul_(model.scale * 40)
+        model.weight[0].round_()  # already on its grid: the coarse channel alone would pass any bound
+    out = rewrite.apply(model.eval(), ["cleanup"])
+    with torch.no_grad():
+        grid = ((model.weight / model.scale + model.MAGIC) - model.MAGIC) * model.scale
+        assert not torch.equal(model.weight, grid)  # the grid is not a no-op
+        folded = [t for t in out.state_dict().values() if t.shape == model.weight.shape]
+        assert len(folded) == 1 and torch.equal(folded[0], grid)
+
+
 def test_a_well_conditioned_parameter_expression_still_gets_the_correctly_rounded_value():
     class Scaled(nn.Module):
         def __init__(self):
