@@ -126,6 +126,20 @@ def test_ir4_initializer_inputs_not_read_by_a_fold_do_not_stop_the_others():
     assert len(refused) == 1 and "its variance 'v'" in refused[0], refused
 
 
+def test_an_ir4_initializer_input_no_node_reads_stays_an_input_with_its_default():
+    model = conv_bn(8, 13, initializers_as_inputs=False)
+    model.graph.input.append(helper.make_tensor_value_info("unread", TensorProto.FLOAT, [3]))
+    model.graph.initializer.append(numpy_helper.from_array(np.arange(3, dtype=np.float32), "unread"))
+    onnx.checker.check_model(model)
+    out, report = rewrite.apply(model, ["fold_bn"], return_report=True)
+    assert report["fold_bn"].result.counts == {"fold_bn_into_conv": 1}
+    assert [i.name for i in out.graph.input] == ["x", "unread"]
+    default = [t for t in out.graph.initializer if t.name == "unread"]
+    assert len(default) == 1 and np.array_equal(numpy_helper.to_array(default[0]), np.arange(3, dtype=np.float32))
+    x = np.random.default_rng(2).standard_normal((1, 3, 6, 6)).astype(np.float32)
+    assert np.allclose(_run(out, {"x": x}), _run(model, {"x": x}), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("case", ["spatial0", "input_scale"])
 def test_a_batch_normalization_kept_as_the_op_it_is_is_in_the_report(case):
     if case == "spatial0":  # opset 7: statistics per element

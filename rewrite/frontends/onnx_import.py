@@ -161,9 +161,8 @@ class OnnxImporter:
             outputs.append(self.value_of(tensor, f"graph output {tensor.name!r}"))
         self.graph.outputs = outputs
         self._drop_unread_folds()
-        tensors = self.gs_graph.tensors() if self.overridable else {}
         self.graph.meta.update(frontend="onnx", onnx_model=self.model, onnx_opset=self.opset,
-                               onnx_input_defaults={name: tensors[name] for name in self.overridable},
+                               onnx_input_defaults=self._input_defaults(),
                                onnx_output_names=[t.name for t in self.gs_graph.outputs],
                                onnx_source=self.source, onnx_folded=self.folded, onnx_weights=self.weights)
         return self.graph
@@ -173,8 +172,17 @@ class OnnxImporter:
         the file's order."""
         if not self.overridable:
             return list(self.gs_graph.inputs)
-        tensors = self.gs_graph.tensors()
-        return [tensors[i.name] for i in self.model.graph.input if i.name in tensors]
+        tensors, defaults = self.gs_graph.tensors(), self._input_defaults()
+        return [tensors[i.name] if i.name in tensors else defaults[i.name] for i in self.model.graph.input
+                if i.name in tensors or i.name in defaults]
+
+    def _input_defaults(self) -> dict:
+        """The initializers that are inputs too, as gs tensors; gs lists none that no node reads, so those
+        are made from the file's own initializer (the input stays, so does its default)."""
+        tensors = self.gs_graph.tensors() if self.overridable else {}
+        protos = self._initializer_protos() if self.overridable else {}
+        return {name: tensors[name] if name in tensors else gs.Constant(name, gs.ir.tensor.LazyValues(protos[name]))
+                for name in self.overridable}
 
     def _drop_unread_folds(self) -> None:
         """Folded constants read only as parameters are not nodes of the model (they are written back
