@@ -246,6 +246,34 @@ def test_a_dead_channel_kept_with_its_live_group_mate_is_in_the_report():
     assert any("1 dead channel(s) of b2 kept" in r and "group" in r for r in reasons), reasons
 
 
+def test_dead_channels_of_concat_readers_are_each_counted_where_they_become_constant():
+    class TwoReaders(nn.Module):
+        """A DenseNet layer's shape: two BNs read one concat, each with a channel dead the other keeps."""
+
+        def __init__(self):
+            super().__init__()
+            self.p, self.q = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
+            self.b1, self.b2 = nn.BatchNorm2d(6), nn.BatchNorm2d(6)
+            self.c1, self.c2 = nn.Conv2d(6, 2, 1), nn.Conv2d(6, 2, 1)
+
+        def forward(self, x):
+            f = torch.cat([self.p(x), self.q(x)], 1)
+            return self.c1(F.relu(self.b1(f))) + self.c2(F.relu(self.b2(f)))
+
+    model = randomize_bn(TwoReaders(), seed=5).eval()
+    with torch.no_grad():
+        model.b1.weight[[0, 4]], model.b1.bias[[0, 4]] = 0.0, -1.0  # 0 after the ReLU
+        model.b2.weight[1], model.b2.bias[1] = 0.0, -1.0
+    x = torch.randn(2, 3, 6, 6)
+    out, report = rewrite.apply(model, ["remove_channels"], example_inputs=x, return_report=True)
+    reasons = sorted(r.reason for r in report["remove_channels"].result.refused)
+    assert len(reasons) == 2, reasons
+    assert reasons[0].startswith("1 dead channel(s) of b2 kept") and reasons[1].startswith("2 dead channel(s) of b1")
+    assert all("constant only after batch_norm" in r and "concat" in r for r in reasons), reasons
+    with torch.no_grad():
+        assert _rel(model(x), out(x)) <= 1e-5
+
+
 @pytest.mark.parametrize("form, words", [
     (lambda m, x: torch.cat([x, m.c(x)], 1), "the input itself"),
     (lambda m, x: torch.cat([x[:, 0:4:2], m.c(x)], 1), "only contiguous channel slices"),

@@ -155,35 +155,54 @@ class Decision:
                           + (" (a residual add keeps a channel unless it is dead in every operand)"
                              if kind == "add" else ""))
                 out[(label, tensor_name(sp.value), reason)] += len(idx)
-        # What is left met the varying channel away from any node's input-to-output edge: through the groups
-        # of a grouped conv (a depthwise conv's outputs go with the input of their group), say.
-        left = constant_kept & ~noted
-        if bool(left.any()):
-            classes = torch.unique(self.labels[left])
-            for (a, _), label in zip(self.cg.pairs, self.cg.pair_nodes):
-                node = nodes.get(label)
-                groups = node.attrs.get("groups", 1) if node is not None else 1
-                if groups <= 1 or not bool(torch.isin(self.labels[a], classes).any()):
-                    continue
-                here = (left & torch.isin(self.labels, torch.unique(self.labels[a]))).nonzero().flatten()
-                left[here] = False
-                self._name_by_tensor(out, by_offset, starts, here, label,
-                                     f"it shares a group of {node.kind} {label} ({groups} groups) with a channel that "
-                                     "varies, and a grouped conv loses whole groups only")
-            self._name_by_tensor(out, by_offset, starts, left.nonzero().flatten(), "",
-                                 "it is coupled to a channel that varies")
+        # The rest: one count per channel where it becomes constant, not again for each tensor it is carried
+        # on to (through a ReLU, ...), nor for a class already counted at a meeting.
+        left = constant_kept & ~torch.isin(self.labels, torch.unique(self.labels[noted]))
+        for a, b in self.cg.pairs:
+            left[b[~self.varying[a]]] = False
+        if not bool(left.any()):
+            return out
+        # It met the varying channel away from any node's input-to-output edge: through the groups of a
+        # grouped conv (a depthwise conv's outputs go with the input of their group), say...
+        classes = torch.unique(self.labels[left])
+        for (a, _), label in zip(self.cg.pairs, self.cg.pair_nodes):
+            node = nodes.get(label)
+            groups = node.attrs.get("groups", 1) if node is not None else 1
+            if groups <= 1 or not bool(torch.isin(self.labels[a], classes).any()):
+                continue
+            here = (left & torch.isin(self.labels, torch.unique(self.labels[a]))).nonzero().flatten()
+            left[here] = False
+            self._name_by_tensor(out, by_offset, starts, here, label,
+                                 f"it shares a group of {node.kind} {label} ({groups} groups) with a channel that "
+                                 "varies, and a grouped conv loses whole groups only")
+        # ... or a node made it constant from an input channel that varies and stays (a BN with gamma 0
+        # reading a channel of a concat that other layers read where it lives).
+        for (a, b), label in zip(self.cg.pairs, self.cg.pair_nodes):
+            born = left[b] & self.varying[a]
+            if not bool(born.any()):
+                continue
+            idx = b[born]
+            left[idx] = False
+            node = nodes.get(label)
+            kind = node.kind if node is not None else "op"
+            source = by_offset[int(torch.searchsorted(starts, a[born][0], right=True)) - 1].value
+            out[(label, tensor_name(by_offset[int(torch.searchsorted(starts, idx[0], right=True)) - 1].value),
+                 f"it is constant only after {kind} {label}, whose input channel{_read_elsewhere(source)} varies "
+                 "and is coupled to channels that stay (a channel leaves every tensor it is coupled to, or none)"
+                 )] += len(idx)
+        self._name_by_tensor(out, by_offset, starts, left.nonzero().flatten(), "",
+                             "it is coupled to a channel that varies")
         return out
 
     @staticmethod
     def _name_by_tensor(out: Counter, by_offset, starts, idx: torch.Tensor, label: str, reason: str) -> None:
-        """Count the channels `idx` under `reason`, by the first tensor they are in (the later ones are the
-        same channels, carried on through BN, ReLU, ...)."""
+        """Count the channels `idx` under `reason`, by the tensor each is in."""
         if not len(idx):
             return
-        owners = torch.searchsorted(starts, idx, right=True) - 1
-        first = int(owners.min())
-        sp = by_offset[first]
-        out[(label or tensor_name(sp.value), tensor_name(sp.value), reason)] += int((owners == first).sum())
+        owners, counts = torch.unique(torch.searchsorted(starts, idx, right=True) - 1, return_counts=True)
+        for owner, n in zip(owners.tolist(), counts.tolist()):
+            name = tensor_name(by_offset[owner].value)
+            out[(label or name, name, reason)] += n
 
     def groups(self) -> list[dict]:
         """The dependency groups (networkx components of coupled tensors) that lost channels."""
@@ -322,3 +341,12 @@ def _threshold(value) -> float | None:
     if not threshold >= 0:
         raise PassError(f"threshold must be a non-negative number, not {value!r}", where="pass remove_channels")
     return threshold
+
+
+def _read_elsewhere(value) -> str:
+    """Where a varying channel comes from and who else reads it, said for a report."""
+    producer = value.producer
+    made = f" (of {producer.kind} {producer.label}" if producer is not None and producer.kind == "concat" \
+        else f" (of {tensor_name(value)}"
+    readers = len(value.users)
+    return f"{made}, which {readers} ops read)" if readers > 1 else f"{made})"
