@@ -5,6 +5,8 @@ from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+import numpy as np
+
 from .errors import NonFiniteError, PassError, RewriteError
 from .ir import Graph, Node, Value, is_pure
 from .pattern import match
@@ -76,7 +78,7 @@ class Pass:
                 raise PassError(f"unknown option {key!r}{_near(key, self.options)}; "
                                 f"its options: {', '.join(self.options) or 'none'}", where=f"pass {self.name}")
             allowed = self.option_values.get(key)
-            if allowed is not None and not any(type(value) is type(a) and value == a for a in allowed):
+            if allowed is not None and not any(_same_kind(value, a) and value == a for a in allowed):
                 raise PassError(f"option {key!r} takes {' or '.join(map(repr, allowed))}, not {value!r}",
                                 where=f"pass {self.name}")
 
@@ -85,6 +87,14 @@ class Pass:
 
     def __repr__(self) -> str:
         return f"<pass {self.name}>"
+
+
+def _same_kind(value, allowed) -> bool:
+    """Is `value` of the kind of an allowed option value: a bool (numpy's too) for a switch, not 1 or a
+    tensor; a str (a subclass too: numpy's) for a choice."""
+    if isinstance(allowed, bool):
+        return isinstance(value, (bool, np.bool_))
+    return isinstance(value, type(allowed)) and not isinstance(value, bool)
 
 
 class RulePass(Pass):

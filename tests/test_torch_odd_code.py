@@ -2,6 +2,7 @@
 the report, or a raw exception before its fix."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -116,11 +117,22 @@ def _residual_block():
 
 @pytest.mark.parametrize("passes, option, value", [
     (["remove_residual"], "nonnegative_inputs", "no"), (["remove_residual"], "nonnegative_inputs", 0),
-    (["remove_residual"], "signed", "splt"), (["fuse_branches"], "allow_costlier", "yes")])
+    (["remove_residual"], "signed", "splt"), (["remove_residual"], "signed", None),
+    (["fuse_branches"], "allow_costlier", "yes"), (["fuse_branches"], "allow_costlier", torch.tensor(True))])
 def test_an_option_value_it_does_not_take_is_an_error(passes, option, value):
     with pytest.raises(PassError, match=repr(option)):
         rewrite.apply(_residual_block(), passes, example_inputs=torch.randn(1, 4, 8, 8),
                       options={passes[0]: {option: value}})
+
+
+@pytest.mark.parametrize("option, value", [("nonnegative_inputs", np.bool_(False)), ("signed", np.str_("clamp"))])
+def test_numpys_bool_and_str_are_option_values_like_pythons(option, value):
+    model, x = _residual_block(), torch.randn(2, 4, 10, 10)
+    out, report = rewrite.apply(model, ["remove_residual"], example_inputs=x, return_report=True,
+                                options={"remove_residual": {option: value}})
+    assert sum(report["remove_residual"].result.counts.values()) >= 1
+    with torch.no_grad():
+        assert _rel(model(x), out(x)) <= 1e-5
 
 
 def test_the_switch_itself_still_works():
