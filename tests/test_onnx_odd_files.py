@@ -198,6 +198,21 @@ def test_bfloat16_weights_fold_and_are_written_back_as_bfloat16():
     assert np.abs(got - ref).max() <= 4 * 2.0**-8 * np.abs(ref).max()
 
 
+@pytest.mark.parametrize("type_name", ["bfloat16", "float8_e4m3fn", "float8_e5m2"])
+@pytest.mark.parametrize("shape", [(), (1,), (2, 3)])
+def test_bit_read_tensors_keep_their_shape_and_values(type_name, shape):
+    import ml_dtypes
+
+    from rewrite.frontends.onnx_arrays import to_numpy, to_torch
+
+    array = (np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape) - 2.5).astype(getattr(ml_dtypes, type_name))
+    tensor = to_torch(array)
+    assert tuple(tensor.shape) == shape and str(tensor.dtype) == f"torch.{type_name}"
+    back = to_numpy(tensor)
+    assert back.dtype == array.dtype and back.shape == shape
+    assert back.tobytes() == array.tobytes()
+
+
 @pytest.mark.parametrize("form", ["initializer", "constant_node"])
 def test_string_tensors_are_kept_as_they_are(form):
     model = conv_bn(8, 17, initializers_as_inputs=False)

@@ -26,7 +26,8 @@ def to_torch(values, copy: bool = True) -> torch.Tensor:
     array = np.array(values) if copy else np.asarray(values)
     bits = _BY_BITS.get(array.dtype.name)
     if bits is not None:
-        return torch.from_numpy(np.ascontiguousarray(array).view(bits[0])).view(bits[1])
+        # reshape: ascontiguousarray makes a 0-d array 1-d
+        return torch.from_numpy(np.ascontiguousarray(array).view(bits[0]).reshape(array.shape)).view(bits[1])
     return torch.from_numpy(array)
 
 
