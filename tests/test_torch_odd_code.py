@@ -87,6 +87,16 @@ def test_a_torch_compiled_model_is_rewritten_through_the_module_it_wraps():
         assert _rel(model(x), out(x)) <= 1e-5
 
 
+@pytest.mark.parametrize("register", [lambda c: c.register_forward_hook(lambda m, i, o: o * 2 + 1),
+                                      lambda c: c.register_forward_pre_hook(lambda m, args: (args[0] * 3,))])
+def test_forward_hooks_on_a_torch_compile_wrapper_are_refused_not_dropped(register):
+    model = nn.Sequential(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)).eval()
+    compiled = torch.compile(model)
+    register(compiled)  # on the wrapper: they run around the module it wraps
+    with pytest.raises(TraceError, match="torch.compile wrapper of Sequential.*forward (pre )?hooks"):
+        rewrite.apply(compiled, ["fold_bn"], example_inputs=torch.randn(1, 4, 9, 9), verify=True)
+
+
 @pytest.mark.parametrize("how, words", [("forward_hook", "forward hooks"), ("instance_forward", "set on the instance")])
 def test_a_batch_norm_with_code_of_its_own_is_left_with_the_reason(how, words):
     model = nn.Sequential(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)).eval()

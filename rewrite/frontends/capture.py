@@ -80,11 +80,21 @@ def _checked_leaves(leaf_modules) -> tuple:
 def _check_root_call(module: torch.nn.Module) -> None:
     """A graph is captured from the model's forward: forward hooks on the model itself (or a forward set on
     the instance) would not be in it, and the result would silently compute something else."""
-    why = own_code(module, global_hooks=False, backward=False)
+    _refuse_root_code(type(module).__name__, own_code(module, global_hooks=False, backward=False))
+
+
+def check_compiled_wrapper(wrapper: torch.nn.Module, original: torch.nn.Module) -> None:
+    """Forward hooks on a torch.compile wrapper run around the module it wraps, which is what is captured:
+    they would be left out just the same. (Its forward, set on the instance, runs that module.)"""
+    why = own_code(wrapper, global_hooks=False, backward=False, instance_forward=False)
+    _refuse_root_code(f"the torch.compile wrapper of {type(original).__name__}", why)
+
+
+def _refuse_root_code(what: str, why: str | None) -> None:
     if why:
-        raise TraceError(f"cannot capture module '<root>' ({type(module).__name__}): {why}, which a captured "
-                         "graph would leave out\n  try: remove them before rewriting and register them on the "
-                         "result, or rewrite the submodule they wrap", where="module '<root>'")
+        raise TraceError(f"cannot capture module '<root>' ({what}): {why}, which a captured graph would leave "
+                         "out\n  try: remove them before rewriting and register them on the result, or rewrite "
+                         "the submodule they wrap", where="module '<root>'")
 
 
 def _backward_hooks_note(module: torch.nn.Module) -> str:

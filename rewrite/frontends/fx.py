@@ -9,7 +9,7 @@ import torch.fx as fx
 
 from ..errors import RewriteError
 from ..ir import Graph
-from .capture import capture_module
+from .capture import capture_module, check_compiled_wrapper
 from .fx_emit import emit_graph_module
 from .fx_graph import check_attribute_names
 from .fx_import import FxImporter
@@ -98,7 +98,9 @@ def import_module(module: torch.nn.Module, example_inputs=None, concrete_args: d
     if not isinstance(module, torch.nn.Module):
         raise RewriteError(f"expected an nn.Module, got {type(module).__name__}")
     inputs = as_tuple(example_inputs)
-    module, unwrapped = compiled_original(module)
+    wrapper, (module, unwrapped) = module, compiled_original(module)
+    if module is not wrapper:
+        check_compiled_wrapper(wrapper, module)
     captured = capture_module(module, inputs, capture, concrete_args, leaf_modules)
     graph = import_captured(captured.root, captured.graph, inputs, model_name=type(module).__name__, fold=fold)
     graph.meta["capture"] = captured.how

@@ -33,11 +33,13 @@ def runs_class_forward(module: torch.nn.Module) -> bool:
     return not global_hooks_set()
 
 
-def own_code(module: torch.nn.Module, global_hooks: bool = True, backward: bool = True) -> str | None:
+def own_code(module: torch.nn.Module, global_hooks: bool = True, backward: bool = True,
+             instance_forward: bool = True) -> str | None:
     """What runs when `module` is called besides its class's forward, said for a report; None if nothing.
     global_hooks=False leaves out the hooks registered for every module (they run on a rewritten model too);
-    backward=False the backward hooks (they change no output)."""
-    if "forward" in module.__dict__:
+    backward=False the backward hooks (they change no output); instance_forward=False a forward set on the
+    instance (a torch.compile wrapper's, which runs the module it wraps)."""
+    if instance_forward and "forward" in module.__dict__:
         return "a forward set on the instance replaces its class's"
     names = _OWN_HOOKS if backward else _OWN_FORWARD_HOOKS
     hooks = [name.strip("_").replace("_", " ") for name in names if getattr(module, name, None)]
