@@ -205,6 +205,38 @@ def test_a_half_precision_fake_quantizer_keeps_the_models_grid(dtype):
         assert len(folded) == 1 and torch.equal(folded[0], model.grid_weight())
 
 
+@pytest.mark.parametrize("dtype, step", [(torch.bfloat16, 2.0**-4), (torch.float16, 2.0**-7)])
+def test_a_half_precision_grid_a_few_units_fine_is_kept_too(dtype, step):
+    """Weights in [1, 2) on a grid of 8 units of their precision: every float64 value is within 4 units
+    of the model's own, so no closeness test tells the grid from rounding; the model's value is taken."""
+    torch.manual_seed(5)
+    model = HalfFakeQuantConv(dtype).eval()
+    with torch.no_grad():
+        model.weight.copy_(1 + torch.rand(model.weight.shape))
+        model.scale.fill_(step)
+    out = rewrite.apply(model, ["cleanup"])
+    with torch.no_grad():
+        folded = [t for t in out.state_dict().values() if t.shape == model.weight.shape]
+        assert not torch.equal(model.weight, model.grid_weight())  # the grid moves weights
+        assert len(folded) == 1 and torch.equal(folded[0], model.grid_weight())
+
+
+def test_a_parameter_that_overflows_in_the_model_but_not_in_float64_keeps_the_models_infinities():
+    class Overflowing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = nn.Parameter(torch.tensor([float("inf"), 1.0, 2.0, 3.0]))
+
+        def forward(self, x):  # float32: inf in every element; float64: inf in the first only
+            return x * ((self.p * 1e30) * 1e10 / 1e10).view(1, 4, 1, 1)
+
+    model = Overflowing().eval()
+    x = torch.randn(2, 4, 3, 3)
+    out = rewrite.apply(model, ["cleanup"])
+    with torch.no_grad():
+        assert torch.equal(out(x), model(x))
+
+
 def test_a_float32_fake_quantizer_with_small_channels_keeps_their_grid():
     model = FakeQuantConv()
     with torch.no_grad():  # one coarse channel, whose largest weight a bound relative to the maximum would take

@@ -195,21 +195,24 @@ def fold_parameter_expressions(root: torch.nn.Module, graph: fx.Graph,
 def _rounded(precise, value: torch.Tensor) -> torch.Tensor:
     """The float64 result in the model's dtype; the model's own result when the two do not correspond.
 
-    They correspond when every element differs by rounding only: within 4 units of the dtype's precision
-    of that element (the dtype's smallest normal for a subnormal). More anywhere means the model's own
-    rounding was the point, and float64 skipped it: the round-to-integer trick (w + 1.5 * 2**23) - 1.5 * 2**23
-    of a fake quantizer is the identity in float64. The check is per element: a bound on the largest
-    value would let a float16 grid, or a small channel's, through."""
+    They correspond when the same elements are finite and every finite one differs by rounding only:
+    within 4 units of the dtype's precision of that element (the dtype's smallest normal for a subnormal).
+    More anywhere means the model's own rounding was the point, and float64 skipped it: the round-to-integer
+    trick (w + 1.5 * 2**23) - 1.5 * 2**23 of a fake quantizer is the identity in float64. The check is per
+    element: a bound on the largest value would let a small channel's grid through. Below float32's precision
+    (float16, bfloat16) 4 units are a grid a quantizer may use (2**-5 of the value in bfloat16), so there the
+    model's own result is always taken: it is what the model computes."""
     if isinstance(precise, torch.Tensor) and precise.shape == value.shape and value.is_floating_point() \
-            and precise.is_floating_point() and bool(torch.isfinite(precise).all() == torch.isfinite(value).all()):
-        rounded = precise.to(value.dtype).detach().clone()
-        if not value.numel() or value.dtype == torch.float64:
-            return rounded
+            and precise.is_floating_point() and torch.finfo(value.dtype).eps <= torch.finfo(torch.float32).eps:
         finite = torch.isfinite(value)
+        if value.dtype == torch.float64 or not torch.equal(finite, torch.isfinite(precise)):
+            return value.detach().clone()  # float64 is the model's own arithmetic; or it overflowed elsewhere
+        rounded = precise.to(value.dtype).detach().clone()
         native = value.detach().double()[finite]
         gap = (rounded.double()[finite] - native).abs()
         info = torch.finfo(value.dtype)
         if bool((gap <= (4 * info.eps) * native.abs().clamp_min(info.tiny)).all()):
+            rounded[~finite] = value.detach()[~finite]  # the model's own infinities and NaNs, bit for bit
             return rounded
     return value.detach().clone()
 
