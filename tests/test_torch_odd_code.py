@@ -300,6 +300,51 @@ def test_a_dead_channel_kept_with_its_live_group_mate_is_in_the_report():
     assert any("1 dead channel(s) of b2 kept" in r and "group" in r for r in reasons), reasons
 
 
+class GroupedTranspose(nn.Module):
+    """A BN straight into a transposed conv of 2 groups of 2 inputs: a dead channel goes with its group."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.b = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.t, self.d = nn.ConvTranspose2d(4, 4, 1, groups=2), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.d(self.t(self.b(self.c(x))))
+
+
+class ConcatIntoDepthwise(nn.Module):
+    """A BN of a concat another conv reads, straight into a depthwise conv that carries its channels on."""
+
+    def __init__(self):
+        super().__init__()
+        self.p, self.q, self.b = nn.Conv2d(3, 2, 1), nn.Conv2d(3, 2, 1), nn.BatchNorm2d(4)
+        self.dw = nn.Conv2d(4, 4, 1, groups=4)
+        self.c1, self.c2 = nn.Conv2d(4, 2, 1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        f = torch.cat([self.p(x), self.q(x)], 1)
+        return self.c1(self.dw(self.b(f))) + self.c2(f)
+
+
+@pytest.mark.parametrize("cls, words", [
+    (GroupedTranspose, "it shares a group of conv_transpose t (2 groups)"),
+    (ConcatIntoDepthwise, "it is constant only after batch_norm b, whose input channel (of concat"),
+])
+def test_a_dead_channel_a_grouped_conv_reads_is_counted_once_where_it_becomes_constant(cls, words):
+    """A grouped conv's couplings tie channels of a group; they carry no value from one to the other, so a
+    dead channel is neither taken for a copy of its group's first (and left unsaid) nor counted again at
+    the depthwise conv it is carried through."""
+    model = randomize_bn(cls(), seed=6).eval()
+    with torch.no_grad():
+        model.b.weight[0], model.b.bias[0] = 0.0, -1.0
+    x = torch.randn(2, 3, 6, 6)
+    out, report = rewrite.apply(model, ["remove_channels"], example_inputs=x, return_report=True)
+    reasons = [r.reason for r in report["remove_channels"].result.refused]
+    assert len(reasons) == 1 and reasons[0].startswith(f"1 dead channel(s) of b kept: {words}"), reasons
+    with torch.no_grad():
+        assert _rel(model(x), out(x)) <= 1e-5
+
+
 def test_dead_channels_of_concat_readers_are_each_counted_where_they_become_constant():
     class TwoReaders(nn.Module):
         """A DenseNet layer's shape: two BNs read one concat, each with a channel dead the other keeps."""

@@ -140,35 +140,38 @@ class Decision:
         starts = torch.tensor([sp.offset for sp in by_offset])
         noted = torch.zeros_like(constant_kept)
         nodes = {n.label: n for n in self.cg.graph.nodes}
-        for (a, b), label in zip(self.cg.pairs, self.cg.pair_nodes):
-            for here, there in ((a, b),):
-                meet = constant_kept[here] & self.varying[there] & ~noted[here]
-                if not bool(meet.any()):
-                    continue
-                idx = here[meet]
-                noted[idx] = True
-                sp = by_offset[int(torch.searchsorted(starts, idx[0], right=True)) - 1]
-                node = nodes.get(label)
-                kind = node.kind if node is not None else "op"
-                where = label if label.startswith(kind) else f"{kind} {label}"
-                reason = (f"it meets a channel that varies at {where}, so it is not dead there"
-                          + (" (a residual add keeps a channel unless it is dead in every operand)"
-                             if kind == "add" else ""))
-                out[(label, tensor_name(sp.value), reason)] += len(idx)
+        # the couplings of values flowing from a node's input channel to its output channel (a grouped
+        # conv's tie channels of a group instead: see below)
+        carried = [(a, b, label) for (a, b), label, carries in zip(self.cg.pairs, self.cg.pair_nodes,
+                                                                   self.cg.pair_carries) if carries]
+        for a, b, label in carried:
+            meet = constant_kept[a] & self.varying[b] & ~noted[a]
+            if not bool(meet.any()):
+                continue
+            idx = a[meet]
+            noted[idx] = True
+            sp = by_offset[int(torch.searchsorted(starts, idx[0], right=True)) - 1]
+            node = nodes.get(label)
+            kind = node.kind if node is not None else "op"
+            where = label if label.startswith(kind) else f"{kind} {label}"
+            reason = (f"it meets a channel that varies at {where}, so it is not dead there"
+                      + (" (a residual add keeps a channel unless it is dead in every operand)"
+                         if kind == "add" else ""))
+            out[(label, tensor_name(sp.value), reason)] += len(idx)
         # The rest: one count per channel where it becomes constant, not again for each tensor it is carried
         # on to (through a ReLU, ...), nor for a class already counted at a meeting.
         left = constant_kept & ~torch.isin(self.labels, torch.unique(self.labels[noted]))
-        for a, b in self.cg.pairs:
+        for a, b, _ in carried:
             left[b[~self.varying[a]]] = False
         if not bool(left.any()):
             return out
         # It met the varying channel away from any node's input-to-output edge: through the groups of a
         # grouped conv (a depthwise conv's outputs go with the input of their group), say...
         classes = torch.unique(self.labels[left])
-        for (a, _), label in zip(self.cg.pairs, self.cg.pair_nodes):
+        for (a, _), label, carries in zip(self.cg.pairs, self.cg.pair_nodes, self.cg.pair_carries):
             node = nodes.get(label)
             groups = node.attrs.get("groups", 1) if node is not None else 1
-            if groups <= 1 or not bool(torch.isin(self.labels[a], classes).any()):
+            if carries or groups <= 1 or not bool(torch.isin(self.labels[a], classes).any()):
                 continue
             here = (left & torch.isin(self.labels, torch.unique(self.labels[a]))).nonzero().flatten()
             left[here] = False
@@ -177,7 +180,7 @@ class Decision:
                                  "varies, and a grouped conv loses whole groups only")
         # ... or a node made it constant from an input channel that varies and stays (a BN with gamma 0
         # reading a channel of a concat that other layers read where it lives).
-        for (a, b), label in zip(self.cg.pairs, self.cg.pair_nodes):
+        for a, b, label in carried:
             born = left[b] & self.varying[a]
             if not bool(born.any()):
                 continue

@@ -68,6 +68,9 @@ class ChannelGraph:
     grouped: list[tuple[Node, Space, Space, int]] = field(default_factory=list)
     # the node that made each of `pairs`, to say where a dead channel meets a live one
     pair_nodes: list[str] = field(default_factory=list)
+    # whether each of `pairs` carries values (input channel -> the output channel it becomes); a grouped
+    # conv's couplings do not: they tie channels of one group, which leave together
+    pair_carries: list[bool] = field(default_factory=list)
     size: int = 0
 
     def space(self, value: Value) -> Space | None:
@@ -161,9 +164,11 @@ class _Builder:
         if sp is not None and sp.channels:
             self.g.blocks.append(Block(sp, _all(sp.channels) if mask is None else mask, reason, node))
 
-    def couple(self, a: Space, a_idx: torch.Tensor, b: Space, b_idx: torch.Tensor, node: Node) -> None:
+    def couple(self, a: Space, a_idx: torch.Tensor, b: Space, b_idx: torch.Tensor, node: Node,
+               carries: bool = True) -> None:
         self.g.pairs.append((a.offset + a_idx, b.offset + b_idx))
         self.g.pair_nodes.append(node.label)
+        self.g.pair_carries.append(carries)
         self.g.deps.add_edge(a.value.name, b.value.name, node=node.label, kind=node.kind)
 
     def couple_same(self, a: Space, b: Space, node: Node) -> None:
@@ -265,8 +270,13 @@ class _Builder:
         ipg, opg = sx.channels // groups, so.channels // groups
         g_in = torch.arange(sx.channels) // ipg
         g_out = torch.arange(so.channels) // opg
-        self.couple(sx, torch.arange(sx.channels), sx, g_in * ipg, node)  # every input to its group's first
-        self.couple(so, torch.arange(so.channels), sx, g_out * ipg, node)  # every output likewise
+        if ipg == 1:  # each output reads its group's one input: a value carried on from it
+            self.couple(sx, g_out, so, torch.arange(so.channels), node)
+            if opg > 1:  # a depthwise multiplier's outputs of a group leave together
+                self.couple(so, torch.arange(so.channels), so, g_out * opg, node, carries=False)
+            return
+        self.couple(sx, torch.arange(sx.channels), sx, g_in * ipg, node, carries=False)  # to its group's first
+        self.couple(so, torch.arange(so.channels), sx, g_out * ipg, node, carries=False)  # every output likewise
 
     def _even_groups(self, node: Node, sx: Space, so: Space, groups: int) -> None:
         """A grouped conv with several inputs per group: its inputs exit like an ungrouped conv's, and the
