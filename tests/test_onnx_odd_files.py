@@ -140,6 +140,21 @@ def test_an_ir4_initializer_input_no_node_reads_stays_an_input_with_its_default(
     assert np.allclose(_run(out, {"x": x}), _run(model, {"x": x}), rtol=1e-5, atol=1e-6)
 
 
+def test_an_unread_initializer_inputs_external_default_is_read_from_the_models_folder(tmp_path, monkeypatch):
+    model = conv_bn(8, 13, initializers_as_inputs=False)
+    model.graph.input.append(helper.make_tensor_value_info("unread", TensorProto.FLOAT, [300]))
+    model.graph.initializer.append(numpy_helper.from_array(np.arange(300, dtype=np.float32), "unread"))
+    (tmp_path / "model").mkdir()
+    path = tmp_path / "model" / "m.onnx"
+    onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="m.data",
+              size_threshold=0)
+    (tmp_path / "m.data").write_bytes(b"\x11" * 8192)  # a decoy where a cwd-relative read would look
+    monkeypatch.chdir(tmp_path)
+    out = rewrite.apply(str(path), ["fold_bn"])
+    default = [t for t in out.graph.initializer if t.name == "unread"]
+    assert len(default) == 1 and np.array_equal(numpy_helper.to_array(default[0]), np.arange(300, dtype=np.float32))
+
+
 @pytest.mark.parametrize("case", ["spatial0", "input_scale"])
 def test_a_batch_normalization_kept_as_the_op_it_is_is_in_the_report(case):
     if case == "spatial0":  # opset 7: statistics per element

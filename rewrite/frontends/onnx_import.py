@@ -181,8 +181,8 @@ class OnnxImporter:
         are made from the file's own initializer (the input stays, so does its default)."""
         tensors = self.gs_graph.tensors() if self.overridable else {}
         protos = self._initializer_protos() if self.overridable else {}
-        return {name: tensors[name] if name in tensors else gs.Constant(name, gs.ir.tensor.LazyValues(protos[name]))
-                for name in self.overridable}
+        return {name: tensors[name] if name in tensors
+                else gs.Constant(name, onnx_weights.lazy_values(protos[name], self.weights)) for name in self.overridable}
 
     def _drop_unread_folds(self) -> None:
         """Folded constants read only as parameters are not nodes of the model (they are written back

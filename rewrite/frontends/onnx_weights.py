@@ -202,7 +202,14 @@ def read_external_through(gs_graph: gs.Graph, weights: ExternalData | None) -> N
     for tensor in gs_graph.tensors().values():
         lazy = getattr(tensor, "_values", None)
         if isinstance(lazy, gs.ir.tensor.LazyValues) and _is_external(lazy.tensor):
-            tensor._values = _ReadOnDemand(lazy.tensor, lambda stub=lazy.tensor: weights.array(stub))
+            tensor._values = lazy_values(lazy.tensor, weights)
+
+
+def lazy_values(proto: onnx.TensorProto, weights: ExternalData | None) -> gs.ir.tensor.LazyValues:
+    """graphsurgeon's lazy values of an initializer, external data read through `weights`."""
+    if weights is not None and _is_external(proto):
+        return _ReadOnDemand(proto, lambda: weights.array(proto))
+    return gs.ir.tensor.LazyValues(proto)
 
 
 def stub_constant(name: str, array: np.ndarray, pending: dict[str, np.ndarray]) -> gs.Constant | None:
